@@ -1,0 +1,59 @@
+"""Minibatches from a split held on the device as one uint8 tensor.
+
+No DataLoader and no worker processes: the whole of Fashion-MNIST is 47 MB of bytes, so
+each batch is an index into resident memory plus one fused uint8 -> float conversion
+(the book's ToTensor: x / 255, no normalisation).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class Batches:
+    """Iterate a split in batches; with a generator, a fresh permutation every pass.
+
+    The permutation comes from the explicit `generator`, whose state is all that a
+    checkpoint needs to replay the same order after a resume.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                 batch_size: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None):
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch refuses read-only numpy memory (e.g. frombuffer)
+        images = torch.as_tensor(images)
+        if images.ndim == 3:  # (N, rows, cols) -> (N, 1, rows, cols)
+            images = images.unsqueeze(1)
+        self.images = images.to(device).contiguous()
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self):
+        n, bs = self.num_examples, self.batch_size
+        order = None
+        if self.generator is not None:
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+            order = order.to(self.images.device)
+        for start in range(0, n, bs):  # the last, partial batch is kept: every example once
+            if order is None:
+                x, y = self.images[start:start + bs], self.labels[start:start + bs]
+            else:
+                idx = order[start:start + bs]
+                x, y = self.images[idx], self.labels[idx]
+            yield to_float(x), y
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1], exactly as torchvision's ToTensor computes it."""
+    return x.to(torch.float32).div_(255)

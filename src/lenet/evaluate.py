@@ -1,0 +1,23 @@
+"""Accuracy and loss over a whole split, in large batches without autograd."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lenet.data.batches import Batches
+
+
+def evaluate(model: torch.nn.Module, batches: Batches) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of `model` on every example of `batches`."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=batches.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=batches.labels.device)
+    with torch.inference_mode():
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = batches.num_examples
+    return loss_sum.item() / n, correct.item() / n  # one host sync per call

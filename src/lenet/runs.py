@@ -1,0 +1,117 @@
+"""The run folder: everything a user needs to resume, compare or report a run.
+
+runs/<YYYYmmdd-HHMMSS>-<preset>/  config.json  metrics.csv  curves.png  summary.txt
+                                  last.ckpt  best.ckpt  log.txt
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from lenet import checkpoint, plots
+from lenet.config import RunConfig
+from lenet.errors import RunFolderError
+from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.csv"
+        self.curves = self.path / "curves.png"
+        self.summary = self.path / "summary.txt"
+        self.last = self.path / "last.ckpt"
+        self.best = self.path / "best.ckpt"
+        self.log = self.path / "log.txt"
+
+    @staticmethod
+    def new(root: str | Path, preset: str) -> RunFolder:
+        """A fresh, not yet existing folder under `root` named by time and preset."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / f"{stamp}-{preset}"
+        n = 2
+        while path.exists():
+            path, n = Path(root) / f"{stamp}-{preset}-{n}", n + 1
+        return RunFolder(path)
+
+    def create(self, cfg: RunConfig) -> None:
+        """Make the folder and write config.json; fail early, naming the folder, when it
+        already holds a run or cannot be written."""
+        if self.config.exists():
+            raise RunFolderError(f"{self.path}: already holds a run; continue it with "
+                                 f"'lenet train --resume {self.path}' or choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_text(self.config, cfg.to_json())
+        except OSError as e:
+            raise RunFolderError(f"{self.path}: cannot write the run folder "
+                                 f"({e.strerror or e})") from None
+
+    def read_config(self) -> RunConfig:
+        if not self.path.is_dir():
+            raise RunFolderError(f"{self.path}: no such run folder")
+        if not self.config.is_file():
+            raise RunFolderError(f"{self.path}: not a run folder (no config.json)")
+        return RunConfig.from_json_file(self.config)
+
+    def checkpoint_for_resume(self) -> Path:
+        if not self.last.is_file():
+            raise RunFolderError(f"{self.path}: has no last.ckpt to resume from "
+                                 f"(the run stopped before its first epoch ended)")
+        return self.last
+
+    def write_text(self, path: Path, text: str) -> None:
+        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+
+    def write_metrics(self, history: list[EpochMetrics]) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(METRIC_COLUMNS)
+        for m in history:
+            w.writerow([m.epoch, f"{m.train_loss:.6f}", f"{m.train_acc:.6f}",
+                        f"{m.test_loss:.6f}", f"{m.test_acc:.6f}", f"{m.seconds:.3f}",
+                        f"{m.examples_per_s:.1f}"])
+        self.write_text(self.metrics, buf.getvalue())
+
+
+class RunWriter(Callback):
+    """Writes the run folder as training goes: after every epoch a checkpoint (last.ckpt,
+    and best.ckpt when test accuracy improves), metrics.csv and curves.png; at the end
+    summary.txt. The checkpoint is written first, so metrics.csv never runs ahead of it."""
+
+    def __init__(self, folder: RunFolder, cfg: RunConfig, model_summary: str):
+        self.folder, self.cfg, self.model_summary = folder, cfg, model_summary
+
+    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+        f = self.folder
+        history = [m.as_dict() for m in trainer.history]
+        save = dict(config=self.cfg, epoch=trainer.epoch, model=trainer.model,
+                    optimizer=trainer.optimizer, generator=trainer.generator, history=history)
+        try:
+            checkpoint.save(f.last, **save)
+            if metrics.test_acc >= max(m.test_acc for m in trainer.history):
+                checkpoint.save(f.best, **save)
+            f.write_metrics(trainer.history)
+            plots.training_curves(trainer.history, f.curves, title=f.path.name)
+        except OSError as e:
+            raise RunFolderError(f"{f.path}: cannot write the run folder "
+                                 f"({e.strerror or e})") from None
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        last = trainer.history[-1]
+        best = max(trainer.history, key=lambda m: m.test_acc)
+        total = sum(m.seconds for m in trainer.history)
+        text = (f"run {self.folder.path.name}: preset {self.cfg.preset}, data "
+                f"{self.cfg.data.name}, device {trainer.device}\n\n{self.model_summary}\n\n"
+                f"epochs {last.epoch}, lr {self.cfg.train.lr}, batch {self.cfg.train.batch_size}"
+                f", seed {self.cfg.train.seed}\n"
+                f"final: loss {last.train_loss:.3f}, train acc {last.train_acc:.3f}, "
+                f"test acc {last.test_acc:.3f}\n"
+                f"best test acc {best.test_acc:.3f} at epoch {best.epoch}\n"
+                f"{total:.1f} s in epochs; "
+                f"{mean_examples_per_s(trainer.history):,.0f} examples/s in the training loop\n")
+        self.folder.write_text(self.folder.summary, text)
+

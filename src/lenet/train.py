@@ -1,0 +1,136 @@
+"""The trainer: minibatch SGD with cross-entropy, the book's recipe, fast.
+
+`Trainer(spec, device, callbacks).fit(model, train, test)` runs the hot loop; callbacks
+(progress bar, run folder writer) observe it. The library never prints.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lenet.config import TrainSpec
+from lenet.data.batches import Batches
+from lenet.errors import ConfigError, DivergenceError
+from lenet.evaluate import evaluate
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
+                  "examples_per_s")
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    seconds: float  # the whole epoch, evaluation included
+    examples_per_s: float  # training loop only (data included), as the book counts it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_examples_per_s(history: list[EpochMetrics]) -> float:
+    """Examples per second over the whole training loop: total examples / total seconds
+    (every epoch sees the same number of examples)."""
+    return len(history) / sum(1 / m.examples_per_s for m in history)
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_epoch_start(self, trainer: Trainer, epoch: int, steps: int) -> None: ...
+    def on_step(self, trainer: Trainer, step: int) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (use cpu or auto)")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=spec.lr)
+
+
+class Trainer:
+    """Holds what a checkpoint needs (model, optimizer, generator, epoch, history) as plain
+    attributes, so callbacks can save it and `restore` can put it back."""
+
+    def __init__(self, spec: TrainSpec, device: torch.device, callbacks=()):
+        self.spec = spec
+        self.device = device
+        self.callbacks = list(callbacks)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        # Shuffling has its own generator: its state alone replays the batch order.
+        self.generator = torch.Generator(device=device).manual_seed(spec.seed)
+        self.epoch = 0  # epochs completed
+        self.history: list[EpochMetrics] = []
+        self._resume_state: dict | None = None
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state (see checkpoint.load) at the next fit()."""
+        self._resume_state = state
+
+    def fit(self, model: torch.nn.Module, train: Batches, test: Batches) -> list[EpochMetrics]:
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(model, self.spec)
+        train.generator = self.generator
+        if self._resume_state is not None:
+            self._apply_resume(self._resume_state)
+        self._call("on_fit_start")
+        for epoch in range(self.epoch + 1, self.spec.epochs + 1):
+            self.history.append(self._run_epoch(epoch, model, train, test))
+            self.epoch = epoch
+            self._call("on_epoch_end", self.history[-1])
+        self._call("on_fit_end")
+        return self.history
+
+    def _run_epoch(self, epoch, model, train, test) -> EpochMetrics:
+        self._call("on_epoch_start", epoch, len(train))
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for step, (x, y) in enumerate(train, 1):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # Metrics stay on the device; the one host sync per epoch is below.
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            self._call("on_step", step)
+        train_loss = loss_sum.item() / train.num_examples  # sync
+        train_acc = correct.item() / train.num_examples
+        loop_s = time.perf_counter() - t0
+        if not torch.isfinite(torch.tensor(train_loss)):
+            raise DivergenceError(
+                f"epoch {epoch}: the training loss became {train_loss} (diverged); "
+                f"try a lower learning rate than {self.spec.lr}")
+        test_loss, test_acc = evaluate(model, test)
+        return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
+                            time.perf_counter() - t0, train.num_examples / loop_s)
+
+    def _apply_resume(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        self.epoch = int(state["epoch"])
+        self.history = [EpochMetrics(**row) for row in state["history"]]
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)

@@ -1,0 +1,70 @@
+"""Shared fixtures: synthetic IDX data sets, and an environment blind to the machine's data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lenet.data import sources
+from lenet.data.idx import write_idx
+
+
+def make_idx_folder(
+    folder: str | Path,
+    n_train: int = 600,
+    n_test: int = 200,
+    size: int = 28,
+    classes: int = 10,
+    seed: int = 0,
+    gz: bool = True,
+) -> Path:
+    """Write the four standard IDX files of a small, learnable data set into `folder`.
+
+    Class k is a bright two-row horizontal bar at its own height over dim noise, so a small
+    convnet separates the classes within an epoch. Labels are balanced and shuffled.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    for prefix, count in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(count) % classes).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", _draw(labels, size, classes, rng))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+def _draw(labels: np.ndarray, size: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    images = rng.integers(0, 64, size=(len(labels), size, size), dtype=np.uint8)
+    rows = np.linspace(1, size - 3, classes).round().astype(int)
+    margin = size // 4 + 1
+    for image, label in zip(images, labels, strict=True):
+        start, stop = rng.integers(0, margin), size - rng.integers(0, margin)
+        image[rows[label] : rows[label] + 2, start:stop] = rng.integers(192, 256)
+    return images
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """A folder with 600 train and 200 test 28x28 images of 10 synthetic classes (.gz files)."""
+    return make_idx_folder(tmp_path / "tiny-data")
+
+
+@pytest.fixture
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """An empty cache and an empty system folder, and no $LENET_DATA or $LENET_MIRROR.
+
+    Returns a namespace with `cache` (the $LENET_CACHE folder, not yet created) and `system`
+    (what sources.SYSTEM_DATASETS now points at, created empty).
+    """
+    cache = tmp_path / "lenet-cache"
+    system = tmp_path / "system-datasets"
+    system.mkdir()
+    monkeypatch.setenv("LENET_CACHE", str(cache))
+    monkeypatch.delenv("LENET_DATA", raising=False)
+    monkeypatch.delenv("LENET_MIRROR", raising=False)
+    monkeypatch.setattr(sources, "SYSTEM_DATASETS", system)
+    return SimpleNamespace(cache=cache, system=system)

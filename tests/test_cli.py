@@ -1,0 +1,120 @@
+"""The `lenet` command, in process (fast) and as a real subprocess (one-line errors)."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_idx_folder
+from lenet import cli
+from lenet.checkpoint import load
+
+COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
+           "examples_per_s"]
+
+
+def run_cli(*args):
+    """`lenet ARGS` as a subprocess: what a user sees, tracebacks included."""
+    return subprocess.run([sys.executable, "-m", "lenet", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_summary_works_without_data(capsys, isolated_env):
+    assert cli.main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "61,706" in out and "0.42 M multiply-adds" in out
+    for shape in ("6x28x28", "6x14x14", "16x10x10", "16x5x5", "400", "120", "84"):
+        assert shape in out
+
+
+def test_train_writes_a_complete_run_folder_then_resume_and_evaluate(tmp_path, capsys,
+                                                                       isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=256, n_test=64)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "64",
+                     "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out
+    assert "examples/sec on cpu" in out and "loss " in out and "test acc" in out
+    for name in ("config.json", "metrics.csv", "curves.png", "summary.txt", "last.ckpt",
+                 "best.ckpt", "log.txt"):
+        assert (run / name).stat().st_size > 0, name
+    rows = list(csv.reader((run / "metrics.csv").open()))
+    assert rows[0] == COLUMNS and [r[0] for r in rows[1:]] == ["1", "2"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["name"] == str(data) and cfg["train"]["epochs"] == 2
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "61,706" in (run / "summary.txt").read_text()
+    assert "epoch 2/2" in (run / "log.txt").read_text()
+
+    # resume to 3 epochs: appends one row, keeps the first two
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    rows2 = list(csv.reader((run / "metrics.csv").open()))
+    assert rows2[:3] == rows and [r[0] for r in rows2[1:]] == ["1", "2", "3"]
+    assert load(run / "last.ckpt")["epoch"] == 3
+
+    assert cli.main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"test acc {float(rows2[-1][4]):.4f}" in out
+
+
+def test_same_seed_same_metrics(tmp_path, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=256, n_test=64)
+    for name in ("a", "b"):
+        assert cli.main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "32",
+                         "--out", str(tmp_path / name), "--no-progress"]) == 0
+
+    def numbers(name):
+        return [r[:5] for r in csv.reader((tmp_path / name / "metrics.csv").open())]
+
+    assert numbers("a") == numbers("b")
+
+
+def test_second_train_into_an_existing_run_is_refused(tmp_path, capsys, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
+    args = ["train", "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "r"),
+            "--no-progress"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["train", "--epochs", "abc"], "--epochs: invalid int value"),
+    (["train", "--epochs", "0"], "train.epochs: expected a positive integer"),
+    (["train", "--lr", "-1"], "train.lr"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--data", "imagenet"], "unknown data set 'imagenet'"),
+    (["train", "--resume", "/no/such/run"], "/no/such/run: no such run folder"),
+    (["evaluate", "/no/such/run"], "/no/such/run: no such run folder"),
+    (["summary", "--preset", "x"], "unknown preset 'x'"),
+    (["data", "fetch", "imagenet"], "unknown data set 'imagenet'"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(args, expect, isolated_env):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert expect in lines[0] and "Traceback" not in r.stderr
+
+
+def test_malformed_data_file_is_one_line(tmp_path, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
+    (data / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    r = run_cli("train", "--data", data, "--out", tmp_path / "r")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "train-labels-idx1-ubyte.gz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli("train", "--data", data, "--out", blocker / "run", "--epochs", "1")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(blocker / "run") in r.stderr and "Traceback" not in r.stderr

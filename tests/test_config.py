@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from lenet.config import PRESETS, RunConfig, override, preset
+from lenet.errors import ConfigError
+
+
+def test_book_presets_and_their_learning_rates():
+    assert preset("book").train.lr == 0.9
+    assert preset("book-1.0").train.lr == 0.1
+    assert preset("book").model == preset("book-1.0").model
+    assert (preset("book").train.batch_size, preset("book").train.epochs) == (128, 10)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'x'.*book"):
+        preset("x")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_json_round_trip(name):
+    cfg = PRESETS[name]
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_override_keeps_unset_values():
+    cfg = override(preset("book"), "train", epochs=3, lr=None)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.9
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(extra=1), "unknown key"),
+    (lambda d: d["train"].update(epochs="ten"), "train.epochs"),
+    (lambda d: d["train"].update(epochs=0), "train.epochs"),
+    (lambda d: d["train"].update(lr=-1), "train.lr"),
+    (lambda d: d["train"].update(device="tpu"), "train.device"),
+    (lambda d: d["model"].update(dense="120"), "model.dense"),
+    (lambda d: d["model"].update(convs=[[6, 5, 2], [16, "5"]]), r"model.convs\[2\].kernel"),
+])
+def test_bad_config_values_are_named(mutate, message):
+    d = json.loads(preset("book").to_json())
+    mutate(d)
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(d)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        RunConfig.from_json_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        RunConfig.from_json_file(bad)

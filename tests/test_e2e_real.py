@@ -1,0 +1,42 @@
+"""End to end on the real Fashion-MNIST (where installed): the book recipe learns."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lenet.data import sources
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_data():
+    found = sources.locate("fashion-mnist")
+    if found is None:
+        pytest.skip("Fashion-MNIST is not installed (make data / lenet data fetch)")
+    return found[1]
+
+
+def test_book_two_epochs_learns_and_writes_a_run_folder(real_data, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", "book",
+                        "--epochs", "2", "--seed", "0", "--data", str(real_data),
+                        "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "60,000 train, 10,000 test" in r.stdout
+    assert "examples/sec on cpu" in r.stdout or "examples/sec on cuda" in r.stdout
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 2
+    assert float(rows[-1]["test_acc"]) > 0.5  # chance is 0.1
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    for name in ("config.json", "curves.png", "summary.txt", "last.ckpt", "best.ckpt",
+                 "log.txt"):
+        assert (run / name).is_file()
+
+    e = subprocess.run([sys.executable, "-m", "lenet", "evaluate", str(run)],
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr
+    assert f"test acc {float(rows[-1]['test_acc']):.4f}" in e.stdout
+    assert Path(real_data).is_dir()
