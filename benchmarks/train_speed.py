@@ -1,0 +1,163 @@
+"""Training speed, side by side in one run on one machine: the book's loop vs ours.
+
+    python benchmarks/train_speed.py [--epochs 10] [--only book,ours] [--data DIR]
+
+Each contender runs as its own process (so whole-process wall time and peak memory are
+fair); this script measures the machine's fp32 matrix-multiply rate in the same run to
+print the compute floor. Prints a table; not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# The book's own loop: shared/peers beside the checkout when present (the reference the
+# project was measured against), else the faithful copy of train_ch6 kept here.
+PEER_CANDIDATES = [ROOT.parent / "shared" / "peers" / "book_loop.py", HERE / "book_loop.py"]
+FLOP_PER_EXAMPLE = 2.3e6  # book LeNet-5: ~1.13 M multiply-adds forward+backward, x2 FLOP
+
+
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """fp32 GEMM rate with torch's default threads: the ceiling for conv/linear work."""
+    import torch
+
+    a, b = torch.rand(1024, 1024), torch.rand(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (DataLoader workers count)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return total
+
+
+def run(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run a command; return it, its wall seconds and the peak RSS of its process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.join()
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return result, wall, peak[0]
+
+
+def steady(rates: list[float]) -> float:
+    """Median examples/s over epochs after the first (which pays warm-up)."""
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def bench_book(epochs: int, data: str) -> dict:
+    peer = next((p for p in PEER_CANDIDATES if p.is_file()), None)
+    if peer is None:
+        sys.exit("the book's loop is missing: expected one of "
+                 + ", ".join(map(str, PEER_CANDIDATES)))
+    r, wall, rss = run([sys.executable, str(peer), "--epochs", str(epochs), "--data", data])
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    res = rows[-1]
+    epoch_rates = [float(line.rsplit(",", 1)[1].split()[0]) for line in r.stdout.splitlines()
+                   if line.startswith("epoch ")]
+    return {"name": f"book's train_ch6 loop ({peer.name})", "rate": steady(epoch_rates),
+            "epoch_s": statistics.median(res["epoch_seconds"]), "wall": wall,
+            "acc": res["test_acc"], "rss": rss}
+
+
+def bench_ours(epochs: int, data: str, preset: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        r, wall, rss = run([sys.executable, "-m", "lenet", "train", "--preset", preset,
+                            "--epochs", str(epochs), "--data", data, "--out", f"{tmp}/run",
+                            "--no-progress"])
+        rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
+    return {"name": f"lenet train --preset {preset}",
+            "rate": steady([float(x["examples_per_s"]) for x in rows]),
+            "epoch_s": statistics.median(float(x["seconds"]) for x in rows), "wall": wall,
+            "acc": float(rows[-1]["test_acc"]), "rss": rss}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--only", default="book,ours", help="comma list of: book, ours")
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: discovered)")
+    a = p.parse_args()
+
+    import torch
+
+    from lenet.data import sources
+
+    found = sources.locate("fashion-mnist", a.data)
+    if found is None:
+        sys.exit("Fashion-MNIST not found: run 'make data' or 'lenet data fetch fashion-mnist'")
+    data = str(found[1])
+    gflops = matmul_gflops()
+    floor = gflops * 1e9 / FLOP_PER_EXAMPLE
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python "
+          f"{platform.python_version()}")
+    print(f"fp32 matmul {gflops:.0f} GFLOP/s -> compute floor ~{floor:,.0f} examples/s "
+          f"(book LeNet-5, {FLOP_PER_EXAMPLE / 1e6:.1f} MFLOP per training example)")
+    print(f"{a.epochs} epochs, batch 128, lr 0.9, seed 0; data {data}\n", flush=True)
+
+    results = []
+    for name in a.only.split(","):
+        if name == "book":
+            results.append(bench_book(a.epochs, data))
+        elif name == "ours":
+            results.append(bench_ours(a.epochs, data, "book"))
+        else:
+            sys.exit(f"--only: unknown contender '{name}' (expected book, ours)")
+        print(f"  done: {results[-1]['name']}", flush=True)
+
+    book = next((r for r in results if r["name"].startswith("book's")), None)
+    head = (f"{'':<36} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
+            f"{'peak RSS':>9} {'% floor':>7} {'vs book':>7}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        ratio = f"{r['rate'] / book['rate']:.2f}x" if book else "-"
+        print(f"{r['name']:<36} {r['rate']:>10,.0f} {r['epoch_s']:>8.2f} {r['wall']:>7.1f} "
+              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {100 * r['rate'] / floor:>6.1f}% "
+              f"{ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()
