@@ -6,13 +6,27 @@ on stderr and a non-zero exit; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from lenet import __version__
-from lenet.config import DEVICES, PRESETS, RunConfig, override, preset
+from lenet.config import (
+    ACTIVATIONS,
+    DEVICES,
+    INITS,
+    OPTIMIZERS,
+    POOLINGS,
+    PRESETS,
+    ConvSpec,
+    RunConfig,
+    merge_config,
+    override,
+    preset,
+    read_config_file,
+)
 from lenet.errors import ConfigError, LenetError
 
 
@@ -29,14 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
 
-    t = verbs.add_parser("train", help="train a network and write a run folder")
+    t = verbs.add_parser("train", help="train a network and write a run folder",
+                         description="Flags beat --config FILE, which beats the preset.")
     t.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default book)")
+    t.add_argument("--config", metavar="FILE", help="JSON or TOML file with any of the "
+                   "sections model, data, train (as in a run's config.json)")
+    _spec_flags(t)
     t.add_argument("--epochs", type=int, help="epochs to train (default 10)")
     t.add_argument("--batch-size", type=int, help="minibatch size (default 128)")
     t.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    t.add_argument("--weight-decay", type=float, help="default 0")
     t.add_argument("--seed", type=int, help="seed for init and shuffling (default 0)")
     t.add_argument("--device", choices=DEVICES, help="default auto: cuda if available")
     t.add_argument("--data", help="fashion-mnist (default), mnist, or a folder of IDX files")
+    t.add_argument("--resize", type=int, help="scale images to N x N on the fly")
     t.add_argument("--out", help="run folder to write (default runs/<time>-<preset>)")
     t.add_argument("--runs-dir", default="runs", help="where new run folders go (default runs)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.ckpt")
@@ -49,23 +71,95 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=DEVICES, default="auto")
 
     s = verbs.add_parser("summary", help="layer table: output shapes, parameters, mult-adds")
-    s.add_argument("--preset", default="book", help=f"one of {', '.join(PRESETS)}")
+    s.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default book)")
+    s.add_argument("--config", metavar="FILE", help="JSON or TOML config (as for train)")
+    _spec_flags(s)
+    s.add_argument("--resize", type=int, help="input size N x N")
+
+    c = verbs.add_parser("compare", help="table and curves of several runs side by side")
+    c.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    c.add_argument("--out", help="PNG of the overlaid curves (default compare.png)")
 
     d = verbs.add_parser("data", help="where each data set is; 'data fetch NAME' downloads")
     d.add_argument("action", nargs="?", choices=("fetch",))
     d.add_argument("name", nargs="?", help="data set to fetch (fashion-mnist, mnist)")
     d.add_argument("--dest", help="folder to download into (default: the user cache)")
+
+    from lenet import cli_more
+
+    cli_more.add_parsers(verbs)
     return p
+
+
+def _spec_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for every part of the model spec (the chapter's exercise 2)."""
+    p.add_argument("--activation", choices=ACTIVATIONS, help="default: the preset's")
+    p.add_argument("--pooling", choices=POOLINGS, help="default: the preset's")
+    p.add_argument("--convs", metavar="C:K[:P],...", type=_convs, help="conv layers as "
+                   "channels:kernel[:padding], e.g. 6:5:2,16:5 (the book's)")
+    p.add_argument("--dense", metavar="W,...", type=_ints, help="hidden dense widths, "
+                   "e.g. 120,84 (the book's); 'none' for no hidden layer")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm after each conv and hidden dense layer")
+    p.add_argument("--dropout", type=float, help="dropout after hidden dense layers")
+    p.add_argument("--init", choices=INITS, help="default xavier-uniform (the book's)")
+
+
+def _convs(text: str) -> tuple[ConvSpec, ...]:
+    try:
+        return tuple(ConvSpec(*(int(v) for v in item.split(":")))
+                     for item in text.split(",") if item)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"'{text}': expected channels:kernel[:padding],... e.g. 6:5:2,16:5") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected integers like 120,84") from None
+
+
+def build_config(a) -> RunConfig:
+    """Preset, then --config FILE, then flags: an explicit flag wins."""
+    base_name = a.preset
+    partial = {}
+    if a.config:
+        partial = read_config_file(a.config)
+        if isinstance(partial, dict) and base_name is None:
+            base_name = partial.get("preset")
+    cfg = preset(base_name or "book")
+    if a.config:
+        cfg = merge_config(cfg, partial, a.config)
+    cfg = override(cfg, "model", activation=a.activation, pooling=a.pooling, convs=a.convs,
+                   dense=a.dense, batch_norm=a.batch_norm, init=a.init,
+                   dropout=getattr(a, "dropout", None))
+    cfg = override(cfg, "data", name=_data_name(getattr(a, "data", None)), resize=a.resize)
+    if hasattr(a, "epochs"):
+        cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                       optimizer=a.optimizer, momentum=a.momentum,
+                       weight_decay=a.weight_decay, seed=a.seed, device=a.device)
+    if cfg.data.resize is not None:
+        cfg = override(cfg, "model", image_size=cfg.data.resize)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from lenet import cli_more
+
         return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-                "data": cmd_data}[args.verb](args)
+                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS}[args.verb](args)
     except KeyboardInterrupt:
         print("lenet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lenet ... | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit flush quiet
+        return 0
     except (LenetError, OSError) as e:
         if args.debug:
             raise
@@ -103,11 +197,14 @@ def _data_name(value: str | None) -> str | None:
 
 def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
     """The model's input size and class count come from the data."""
+    from lenet.models import feature_shapes
+
     _, rows, cols = ds.train.images.shape
     if rows != cols:
         raise ConfigError(f"{ds.folder}: images are {rows}x{cols}; expected square images")
-    return replace(cfg, model=replace(cfg.model, image_size=rows,
-                                      num_classes=len(ds.classes)))
+    model = replace(cfg.model, image_size=cfg.data.resize or rows, num_classes=len(ds.classes))
+    feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
+    return replace(cfg, model=model)
 
 
 def cmd_train(a) -> int:
@@ -122,8 +219,10 @@ def cmd_train(a) -> int:
 
     state = None
     if a.resume:
-        changed = [f for f in ("preset", "batch_size", "lr", "seed", "data", "out")
-                   if getattr(a, f) is not None]
+        changed = [f for f in ("preset", "config", "batch_size", "lr", "seed", "data", "out",
+                               "activation", "pooling", "convs", "dense", "batch_norm",
+                               "dropout", "init", "optimizer", "momentum", "weight_decay",
+                               "resize") if getattr(a, f) is not None]
         if changed:
             raise ConfigError(f"--resume continues a run as configured; --{changed[0]} "
                               f"cannot change it (only --epochs and --device can)")
@@ -136,10 +235,7 @@ def cmd_train(a) -> int:
             raise ConfigError(f"--epochs {cfg.train.epochs}: the run already has "
                               f"{state['epoch']} epochs")
     else:
-        cfg = preset(a.preset or "book")
-        cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       seed=a.seed, device=a.device)
-        cfg = override(cfg, "data", name=_data_name(a.data))
+        cfg = build_config(a)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
         if folder.config.exists():
             folder.create(cfg)  # raises: the folder already holds a run
@@ -168,8 +264,10 @@ def cmd_train(a) -> int:
     trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)])
     if state is not None:
         trainer.restore(state)
-    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device)
-    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device)
+    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
+                    resize=cfg.data.resize)
+    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
+                   resize=cfg.data.resize)
     trainer.fit(model, train, test)
     progress.say(f"run folder: {folder.path}")
     return 0
@@ -194,7 +292,8 @@ def cmd_evaluate(a) -> int:
     if len(ds.classes) != cfg.model.num_classes:
         raise ConfigError(f"{ds.folder}: has {len(ds.classes)} classes; the model in "
                           f"{path} predicts {cfg.model.num_classes}")
-    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device)
+    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
+                   resize=cfg.data.resize)
     loss, acc = evaluate(model.to(device), test)
     print(f"{path} (epoch {state['epoch']}) on {ds.name} test set, "
           f"{test.num_examples:,} images: test loss {loss:.4f}, test acc {acc:.4f}")
@@ -204,12 +303,56 @@ def cmd_evaluate(a) -> int:
 def cmd_summary(a) -> int:
     from lenet.models import build, format_summary, summary
 
-    cfg = preset(a.preset)
+    cfg = build_config(a)
     model = build(cfg.model)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     print(f"preset {cfg.preset}")
     print(format_summary(summary(model, shape), shape))
     return 0
+
+
+def cmd_compare(a) -> int:
+    from lenet import plots
+    from lenet.models import build, num_params
+    from lenet.runs import RunFolder, read_history
+
+    runs = []
+    for path in a.runs:
+        folder = RunFolder(path)
+        runs.append((folder, folder.read_config(), read_history(folder)))
+    flat = [_flatten(cfg.to_dict()) for _, cfg, _ in runs]
+    differ = [k for k in flat[0] if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    differ += [k for k in {k for f in flat for k in f} - set(flat[0])]
+    print(f"{'run':<28} {'params':>8} {'final acc':>9} {'best acc':>8} {'seconds':>8}  differs in")
+    for (folder, cfg, history), f in zip(runs, flat, strict=True):
+        diff = ", ".join(f"{k}={_short(f.get(k))}" for k in differ) or "-"
+        final = f"{history[-1].test_acc:.4f}" if history else "-"
+        best = f"{max(m.test_acc for m in history):.4f}" if history else "-"
+        secs = f"{sum(m.seconds for m in history):.1f}"
+        print(f"{folder.path.name[:28]:<28} {num_params(build(cfg.model)):>8,} {final:>9} "
+              f"{best:>8} {secs:>8}  {diff}")
+    out = Path(a.out or "compare.png")
+    plots.compare_curves([(folder.path.name, history) for folder, _, history in runs], out)
+    print(f"curves: {out}")
+    return 0
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v) -> str:
+    if isinstance(v, list) and v and isinstance(v[0], dict):  # convs
+        return ",".join(":".join(str(x) for x in c.values()) for c in v)
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "none"
+    return str(v)
 
 
 def cmd_data(a) -> int:

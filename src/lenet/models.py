@@ -36,13 +36,15 @@ def feature_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build(spec: ModelSpec) -> nn.Sequential:
-    """The network for `spec`, initialised as the spec says. Layers are named (conv1, act1,
-    pool1, ..., fc1, ...) so activations can be captured by name."""
+    """The network for `spec`, initialised as the spec says. Layers are named (conv1, [bn1,]
+    act1, pool1, ..., fc1, ...) so activations can be captured by name."""
     c, s = spec.in_channels, spec.image_size
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     shapes = dict(feature_shapes(spec))
     for i, conv in enumerate(spec.convs, 1):
         layers[f"conv{i}"] = nn.Conv2d(c, conv.channels, conv.kernel, padding=conv.padding)
+        if spec.batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(conv.channels)
         layers[f"act{i}"] = _ACTIVATIONS[spec.activation]()
         layers[f"pool{i}"] = _POOLS[spec.pooling](kernel_size=spec.pool, stride=spec.pool)
         c, s, _ = shapes[f"pool{i}"]
@@ -51,7 +53,11 @@ def build(spec: ModelSpec) -> nn.Sequential:
     n_conv = len(spec.convs)
     for j, hidden in enumerate(spec.dense, 1):
         layers[f"fc{j}"] = nn.Linear(width, hidden)
+        if spec.batch_norm:
+            layers[f"bn{n_conv + j}"] = nn.BatchNorm1d(hidden)
         layers[f"act{n_conv + j}"] = _ACTIVATIONS[spec.activation]()
+        if spec.dropout:
+            layers[f"drop{j}"] = nn.Dropout(spec.dropout)
         width = hidden
     layers[f"fc{len(spec.dense) + 1}"] = nn.Linear(width, spec.num_classes)
     model = nn.Sequential(layers)
@@ -98,6 +104,8 @@ def summary(model: nn.Sequential, input_shape: tuple[int, ...]) -> list[LayerRow
     multiply-adds)."""
     x = torch.zeros(1, *input_shape)
     rows = []
+    was_training = model.training
+    model.eval()  # batch norm cannot run training-mode statistics on one example
     with torch.inference_mode():
         for name, layer in model.named_children():
             x = layer(x)
@@ -109,6 +117,7 @@ def summary(model: nn.Sequential, input_shape: tuple[int, ...]) -> list[LayerRow
             elif isinstance(layer, nn.Linear):
                 macs = layer.in_features * layer.out_features
             rows.append(LayerRow(name, type(layer).__name__, out, num_params(layer), macs))
+    model.train(was_training)
     return rows
 
 
@@ -117,14 +126,14 @@ def format_summary(rows: list[LayerRow], input_shape: tuple[int, ...]) -> str:
     def shape(s):
         return "x".join(str(d) for d in s)
 
-    lines = [f"{'layer':<9} {'type':<10} {'output shape':>14} {'params':>9} {'mult-adds':>11}",
-             f"{'input':<9} {'':<10} {shape(input_shape):>14} {'':>9} {'':>11}"]
+    lines = [f"{'layer':<9} {'type':<12} {'output shape':>14} {'params':>9} {'mult-adds':>11}",
+             f"{'input':<9} {'':<12} {shape(input_shape):>14} {'':>9} {'':>11}"]
     for r in rows:
-        lines.append(f"{r.name:<9} {r.kind:<10} {shape(r.output_shape):>14} "
+        lines.append(f"{r.name:<9} {r.kind:<12} {shape(r.output_shape):>14} "
                      f"{r.params:>9,} {r.mult_adds:>11,}")
     params = sum(r.params for r in rows)
     macs = sum(r.mult_adds for r in rows)
     lines.append("-" * len(lines[0]))
-    lines.append(f"{'total':<9} {'':<10} {'':>14} {params:>9,} {macs:>11,}")
+    lines.append(f"{'total':<9} {'':<12} {'':>14} {params:>9,} {macs:>11,}")
     lines.append(f"{params:,} parameters; {macs / 1e6:.2f} M multiply-adds per image (forward)")
     return "\n".join(lines)

@@ -33,3 +33,22 @@ def training_curves(history, path: Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
+    """Test accuracy and train loss of several runs, overlaid, one colour per run."""
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for label, history in runs:
+        epochs = [m.epoch for m in history]
+        line, = acc_ax.plot(epochs, [m.test_acc for m in history], "-o", ms=3, label=label)
+        loss_ax.plot(epochs, [m.train_loss for m in history], "-o", ms=3,
+                     color=line.get_color(), label=label)
+    acc_ax.set(title="test accuracy", xlabel="epoch")
+    loss_ax.set(title="train loss", xlabel="epoch")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(True, alpha=0.3)
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

@@ -77,6 +77,20 @@ class RunFolder:
         self.write_text(self.metrics, buf.getvalue())
 
 
+def read_history(folder: RunFolder) -> list[EpochMetrics]:
+    """metrics.csv back as EpochMetrics (empty when the run has no finished epoch)."""
+    if not folder.metrics.is_file():
+        return []
+    try:
+        with open(folder.metrics, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [EpochMetrics(int(r["epoch"]), *(float(r[c]) for c in METRIC_COLUMNS[1:]))
+                for r in rows]
+    except (KeyError, ValueError, TypeError) as e:
+        raise RunFolderError(f"{folder.metrics}: not a metrics.csv with columns "
+                             f"{','.join(METRIC_COLUMNS)} ({e})") from None
+
+
 class RunWriter(Callback):
     """Writes the run folder as training goes: after every epoch a checkpoint (last.ckpt,
     and best.ckpt when test accuracy improves), metrics.csv and curves.png; at the end

@@ -59,7 +59,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=spec.lr)
+    params, lr, wd = model.parameters(), spec.lr, spec.weight_decay
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
 class Trainer:

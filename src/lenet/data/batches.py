@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class Batches:
@@ -21,7 +22,7 @@ class Batches:
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                  batch_size: int, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, resize: int | None = None):
         if isinstance(images, np.ndarray) and not images.flags.writeable:
             images = images.copy()  # torch refuses read-only numpy memory (e.g. frombuffer)
         images = torch.as_tensor(images)
@@ -31,6 +32,7 @@ class Batches:
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self.batch_size = batch_size
         self.generator = generator
+        self.resize = None if resize == self.images.shape[-1] else resize
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -51,7 +53,15 @@ class Batches:
             else:
                 idx = order[start:start + bs]
                 x, y = self.images[idx], self.labels[idx]
-            yield to_float(x), y
+            yield self.prepare(x), y
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> the network's float input (resized when asked)."""
+        x = to_float(x)
+        if self.resize is not None:  # per batch, on the device: no resized copy of the split
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
+                              antialias=True, align_corners=False)
+        return x
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

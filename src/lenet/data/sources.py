@@ -379,8 +379,7 @@ def load(
         info = DATASETS[data]
         hit = locate(data)
         if hit is not None:
-            found_in, folder = hit
-            say(f"using {data} from {folder} ({found_in})")
+            found_in, folder = hit  # the caller reports where: no need to say it here
         elif not download:
             raise DataError(_not_found(info))
         else:

@@ -1,0 +1,124 @@
+"""Exercise 2 from the command line: every part of the spec is a flag, a config file can
+hold it, flags beat the file, bad specs fail before training, runs can be compared."""
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import make_idx_folder
+from lenet import cli
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_idx_folder(tmp_path_factory.mktemp("d") / "data", n_train=128, n_test=64)
+
+
+def _train(data, out, *flags):
+    return cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
+                     "--out", str(out), "--no-progress", *map(str, flags)])
+
+
+def test_summary_shows_any_spec(capsys):
+    assert cli.main(["summary", "--convs", "8:3:1,16:3,32:3:1", "--dense", "64",
+                     "--batch-norm", "--activation", "relu", "--pooling", "max",
+                     "--dropout", "0.2"]) == 0
+    out = capsys.readouterr().out
+    for text in ("conv3", "BatchNorm2d", "BatchNorm1d", "ReLU", "MaxPool2d", "Dropout",
+                 "8x28x28", "32x3x3"):
+        assert text in out
+    assert cli.main(["summary", "--dense", "none"]) == 0
+    assert "fc2" not in capsys.readouterr().out
+
+
+def test_every_flag_lands_in_config_json(data, tmp_path, isolated_env):
+    assert _train(data, tmp_path / "r", "--activation", "tanh", "--pooling", "max",
+                  "--convs", "4:3:1,8:3", "--dense", "32,16,8", "--batch-norm",
+                  "--dropout", "0.1", "--init", "kaiming", "--lr", "0.01",
+                  "--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.0001",
+                  "--seed", "3", "--resize", "32") == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    m, t = cfg["model"], cfg["train"]
+    assert (m["activation"], m["pooling"], m["init"], m["batch_norm"], m["dropout"]) == \
+        ("tanh", "max", "kaiming", True, 0.1)
+    assert m["convs"] == [{"channels": 4, "kernel": 3, "padding": 1},
+                          {"channels": 8, "kernel": 3, "padding": 0}]
+    assert m["dense"] == [32, 16, 8] and m["image_size"] == 32
+    assert (t["lr"], t["momentum"], t["weight_decay"], t["seed"], t["epochs"]) == \
+        (0.01, 0.9, 0.0001, 3, 1)
+    assert cfg["data"]["resize"] == 32
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", 'preset = "modern"\n[model]\ndense = [60]\n[train]\nlr = 0.05\nepochs = 2\n'),
+    (".json", json.dumps({"preset": "modern", "model": {"dense": [60]},
+                          "train": {"lr": 0.05, "epochs": 2}})),
+])
+def test_config_file_and_flags_override_it(data, tmp_path, isolated_env, suffix, text):
+    path = tmp_path / f"exp{suffix}"
+    path.write_text(text)
+    assert cli.main(["train", "--config", str(path), "--lr", "0.02", "--data", str(data),
+                     "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["preset"] == "modern" and cfg["model"]["activation"] == "relu"
+    assert cfg["model"]["dense"] == [60] and cfg["train"]["epochs"] == 2
+    assert cfg["train"]["lr"] == 0.02  # the flag beats the file
+
+
+def test_run_config_json_reproduces_the_run(data, tmp_path, isolated_env):
+    assert _train(data, tmp_path / "a", "--activation", "relu", "--lr", "0.05") == 0
+    assert cli.main(["train", "--config", str(tmp_path / "a" / "config.json"),
+                     "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    a, b = ((tmp_path / x / "metrics.csv").read_text().splitlines() for x in "ab")
+    assert [r.split(",")[:5] for r in a] == [r.split(",")[:5] for r in b]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--convs", "6:5:2,16:5,32:5"], "pool3: a 2x2 pool does not fit its 32x1x1 input"),
+    (["--convs", "6:31"], "conv1: a 31x31 kernel"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "train.momentum: only for sgd"),
+    (["--dropout", "1.5"], "model.dropout"),
+    (["--convs", "6:five"], "--convs: '6:five'"),
+])
+def test_bad_specs_fail_before_training_with_one_line(data, tmp_path, capsys, isolated_env,
+                                                      flags, message):
+    with pytest.raises(SystemExit) if flags[1] == "6:five" else _no_raise():
+        assert _train(data, tmp_path / "r", *flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r" / "last.ckpt").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_bad_config_files_are_one_line(data, tmp_path, capsys, isolated_env):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nactivation = 'relu'")
+    assert cli.main(["train", "--config", str(bad), "--data", str(data)]) == 1
+    assert "bad.toml: not a readable TOML config" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"model": {"activaton": "relu"}}')
+    assert cli.main(["train", "--config", str(unknown), "--data", str(data)]) == 1
+    assert "unknown key(s) activaton" in capsys.readouterr().err
+
+
+def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isolated_env):
+    assert _train(data, tmp_path / "sig", "--epochs", "2") == 0
+    assert _train(data, tmp_path / "relu", "--epochs", "2", "--activation", "relu",
+                  "--lr", "0.05") == 0
+    capsys.readouterr()
+    png = tmp_path / "cmp.png"
+    assert cli.main(["compare", str(tmp_path / "sig"), str(tmp_path / "relu"),
+                     "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "model.activation=sigmoid" in out and "model.activation=relu" in out
+    assert "train.lr=0.9" in out and "61,706" in out
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.convert("L").getextrema()[0] < 200  # not blank
+    assert cli.main(["compare", str(tmp_path / "nope")]) == 1
