@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +14,7 @@ import pytest
 
 from lenet.data import sources
 from lenet.data.idx import write_idx
+from lenet.data.sources import STANDARD_FILES, DatasetInfo
 
 
 def make_idx_folder(
@@ -68,3 +73,48 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNames
     monkeypatch.delenv("LENET_MIRROR", raising=False)
     monkeypatch.setattr(sources, "SYSTEM_DATASETS", system)
     return SimpleNamespace(cache=cache, system=system)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www; `requests` lists the paths asked for."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests: list[str] = []
+
+    class Handler(QuietHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02})
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_port}/"
+    yield SimpleNamespace(root=root, url=url, requests=requests)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def published(server):
+    """A toy data set on the server at <url>toy/, and a DatasetInfo with its real md5s."""
+    folder = make_idx_folder(server.root / "toy", n_train=60, n_test=20)
+    info = DatasetInfo(
+        name="toy",
+        classes=tuple("0123456789"),
+        files=STANDARD_FILES,
+        md5={name: md5(folder / name) for name in STANDARD_FILES.values()},
+        mirrors=(server.url + "toy/",),
+    )
+    return SimpleNamespace(info=info, folder=folder, server=server)

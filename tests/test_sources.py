@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import socket
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +16,6 @@ from lenet.data.idx import read_idx, write_idx
 from lenet.data.sources import (
     DATASETS,
     STANDARD_FILES,
-    DatasetInfo,
     cache_root,
     candidates,
     fetch,
@@ -34,10 +28,6 @@ from lenet.errors import DataError, DownloadError, IDXError
 
 FASHION = "fashion-mnist"
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def listing(folder: Path) -> list[str]:
@@ -226,47 +216,6 @@ def test_empty_split(small):
 
 
 # --- downloads -------------------------------------------------------------------------------
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/www; `requests` lists the paths asked for."""
-    root = tmp_path / "www"
-    root.mkdir()
-    requests: list[str] = []
-
-    class Handler(QuietHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02})
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_port}/"
-    yield SimpleNamespace(root=root, url=url, requests=requests)
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
-
-
-@pytest.fixture
-def published(server):
-    """A toy data set on the server at <url>toy/, and a DatasetInfo with its real md5s."""
-    folder = make_idx_folder(server.root / "toy", n_train=60, n_test=20)
-    info = DatasetInfo(
-        name="toy",
-        classes=tuple("0123456789"),
-        files=STANDARD_FILES,
-        md5={name: md5(folder / name) for name in STANDARD_FILES.values()},
-        mirrors=(server.url + "toy/",),
-    )
-    return SimpleNamespace(info=info, folder=folder, server=server)
 
 
 @pytest.fixture
