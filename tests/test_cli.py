@@ -118,3 +118,28 @@ def test_unwritable_output_folder_is_one_line(tmp_path, isolated_env):
     r = run_cli("train", "--data", data, "--out", blocker / "run", "--epochs", "1")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert str(blocker / "run") in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_trainings_in_one_folder_the_second_refuses(tmp_path, isolated_env):
+    """A run folder is locked while its training lives: a second `lenet train --out` or
+    `--resume` on it exits at once with one line, and the first finishes untouched."""
+    import time
+
+    data = make_idx_folder(tmp_path / "data", n_train=2048, n_test=64)
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
+                              "--epochs", "3", "--out", str(run), "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    for args in (["--data", data, "--out", run], ["--resume", run]):
+        second = run_cli("train", *args, "--epochs", "1")
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.count("\n") == 1
+        assert "in use by another lenet train (pid" in second.stderr or \
+            "already holds a run" in second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]

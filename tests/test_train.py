@@ -91,5 +91,13 @@ def test_divergence_stops_with_a_clear_message():
     with torch.no_grad():
         model.fc3.weight.fill_(float("nan"))
     trainer = Trainer(TrainSpec(epochs=2, batch_size=64), torch.device("cpu"))
-    with pytest.raises(DivergenceError, match="epoch 1.*lower learning rate"):
+    with pytest.raises(DivergenceError, match="epoch 1, step 1: .*lower learning rate"):
         trainer.fit(model, Batches(*_toy(128), 64), Batches(*_toy(64), 64))
+
+
+def test_divergence_is_caught_at_the_step_it_happens():
+    model = init_model(FAST, seed=0)
+    trainer = Trainer(TrainSpec(epochs=1, batch_size=16, lr=1e6), torch.device("cpu"))
+    with pytest.raises(DivergenceError, match=r"epoch 1, step (\d+):") as caught:
+        trainer.fit(model, Batches(*_toy(640), 16), Batches(*_toy(64), 64))
+    assert int(caught.value.args[0].split("step ")[1].split(":")[0]) < 40  # of 40 steps

@@ -228,6 +228,7 @@ def cmd_train(a) -> int:
                               f"cannot change it (only --epochs and --device can)")
         folder = RunFolder(a.resume)
         folder.read_config()
+        folder.lock()
         ckpt = folder.checkpoint_for_resume()
         state = checkpoint.load(ckpt)
         cfg = override(state["config"], "train", epochs=a.epochs, device=a.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from lenet import checkpoint, plots
 from lenet.config import RunConfig
 from lenet.errors import RunFolderError
 from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
+
+_held_locks: list[int] = []
 
 
 class RunFolder:
@@ -38,17 +41,40 @@ class RunFolder:
         return RunFolder(path)
 
     def create(self, cfg: RunConfig) -> None:
-        """Make the folder and write config.json; fail early, naming the folder, when it
-        already holds a run or cannot be written."""
+        """Make the folder, take its lock and write config.json; fail early, naming the
+        folder, when it already holds a run or cannot be written."""
         if self.config.exists():
-            raise RunFolderError(f"{self.path}: already holds a run; continue it with "
-                                 f"'lenet train --resume {self.path}' or choose another --out")
+            raise self._taken()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()
+            if self.config.exists():  # another process created it while we waited
+                raise self._taken()
             self.write_text(self.config, cfg.to_json())
         except OSError as e:
             raise RunFolderError(f"{self.path}: cannot write the run folder "
                                  f"({e.strerror or e})") from None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder for as long as this process lives, so two
+        trainings never interleave their files in one folder."""
+        import fcntl
+
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = (self.path / ".lock").read_text().strip() or "another process"
+            raise RunFolderError(f"{self.path}: in use by another lenet train ({holder}); "
+                                 f"wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        _held_locks.append(fd)  # closing the fd would release the lock
+
+    def _taken(self) -> RunFolderError:
+        return RunFolderError(f"{self.path}: already holds a run; continue it with "
+                              f"'lenet train --resume {self.path}' or choose another --out")
 
     def read_config(self) -> RunConfig:
         if not self.path.is_dir():
