@@ -143,3 +143,33 @@ def test_two_trainings_in_one_folder_the_second_refuses(tmp_path, isolated_env):
     assert first.returncode == 0, err
     rows = (run / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, isolated_env):
+    """SIGINT during training: the step finishes, last.ckpt is written mid-epoch, the exact
+    resume command is printed, exit status 130; the resumed run completes the epochs."""
+    import signal
+    import time
+
+    data = make_idx_folder(tmp_path / "data", n_train=4096, n_test=64)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
+                             "--epochs", "2", "--batch-size", "16", "--out", str(run),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log, deadline = run / "log.txt", time.time() + 120
+    while not (log.exists() and "step:" in log.read_text()):  # training is about to start
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside epoch 1 (256 steps)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"resume with: lenet train --resume {run}" in out
+    state = load(run / "last.ckpt")
+    assert state["partial"] is not None and state["partial"]["step"] >= 1
+    assert not (run / "metrics.csv").exists() or state["epoch"] >= 1
+    r = run_cli("train", "--resume", run)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader((run / "metrics.csv").open()))
+    assert [row[0] for row in rows[1:]] == ["1", "2"]

@@ -101,3 +101,35 @@ def test_divergence_is_caught_at_the_step_it_happens():
     with pytest.raises(DivergenceError, match=r"epoch 1, step (\d+):") as caught:
         trainer.fit(model, Batches(*_toy(640), 16), Batches(*_toy(64), 64))
     assert int(caught.value.args[0].split("step ")[1].split(":")[0]) < 40  # of 40 steps
+
+
+def test_interrupt_mid_epoch_then_resume_is_bit_identical():
+    """Ctrl-C sets stop_requested: the step finishes, the state (mid-epoch) is handed to
+    on_interrupt, and a resume from it ends with exactly the uninterrupted weights."""
+    from lenet.train import TrainingInterrupted
+
+    full = _weights_after(2)
+    saved = {}
+
+    class StopAt(Callback):
+        def on_step(self, trainer, step):
+            if trainer.epoch == 1 and step == 2:  # in the second epoch, after its 2nd step
+                trainer.stop_requested = True
+
+        def on_interrupt(self, trainer):
+            saved.update(model={k: v.clone() for k, v in trainer.model.state_dict().items()},
+                         optimizer=trainer.optimizer.state_dict(),
+                         rng={"torch": torch.get_rng_state(),
+                              "generator": trainer.generator.get_state()},
+                         epoch=trainer.epoch, partial=trainer.partial,
+                         history=[m.as_dict() for m in trainer.history])
+
+    model = init_model(PRESETS["book"].model, seed=0)
+    trainer = Trainer(TrainSpec(epochs=2, batch_size=64), torch.device("cpu"), [StopAt()])
+    with pytest.raises(TrainingInterrupted, match="epoch 2 after step 2"):
+        trainer.fit(model, Batches(*_toy(320), 64), Batches(*_toy(100, seed=1), 100))
+    assert saved["partial"]["step"] == 2 and saved["epoch"] == 1
+    resumed = _weights_after(2, resume_from=saved)
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]
+    assert all(torch.equal(x, y) for x, y in zip(resumed.model.state_dict().values(),
+                                                  full.model.state_dict().values(), strict=True))

@@ -50,7 +50,7 @@ def atomic_write(path: Path, write) -> None:
 
 def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, generator: torch.Generator,
-         history: list[dict]) -> None:
+         history: list[dict], partial: dict | None = None) -> None:
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -60,6 +60,7 @@ def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
         "history": history,
+        "partial": partial,  # an interrupted epoch's progress (see Trainer.partial), or None
     }
     atomic_write(path, lambda f: torch.save(state, f))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -215,7 +216,7 @@ def cmd_train(a) -> int:
     from lenet.data.batches import Batches
     from lenet.models import format_summary, init_model, summary
     from lenet.runs import RunFolder, RunWriter
-    from lenet.train import Trainer, resolve_device
+    from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
 
     state = None
     if a.resume:
@@ -259,19 +260,40 @@ def cmd_train(a) -> int:
                     f" ({torch.cuda.get_device_name(device)})"))
     progress.say(f"data {ds.name} from {ds.folder} ({ds.found_in}): "
                  f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images")
+    epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
     progress.say(f"preset {cfg.preset}: lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
-                 f"{cfg.train.epochs} epochs, seed {cfg.train.seed}; run folder {folder.path}")
+                 f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")
 
-    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)])
+    engine, engine_text = pick_engine(cfg.model, cfg.train, device)
+    progress.say(f"step: {engine_text}")
+    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)], engine)
     if state is not None:
         trainer.restore(state)
     train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
                     resize=cfg.data.resize)
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
                    resize=cfg.data.resize)
-    trainer.fit(model, train, test)
+    _stop_gently_on_ctrl_c(trainer)
+    try:
+        trainer.fit(model, train, test)
+    except TrainingInterrupted as e:
+        progress.say(f"{e}: saved {folder.last}")
+        progress.say(f"resume with: lenet train --resume {folder.path}")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     progress.say(f"run folder: {folder.path}")
     return 0
+
+
+def _stop_gently_on_ctrl_c(trainer) -> None:
+    """First Ctrl-C: finish the current step, checkpoint, exit 130. Second: stop now."""
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def cmd_evaluate(a) -> int:

@@ -5,6 +5,7 @@ runs/<YYYYmmdd-HHMMSS>-<preset>/  config.json  metrics.csv  curves.png  summary.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -127,17 +128,29 @@ class RunWriter(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         f = self.folder
-        history = [m.as_dict() for m in trainer.history]
-        save = dict(config=self.cfg, epoch=trainer.epoch, model=trainer.model,
-                    optimizer=trainer.optimizer, generator=trainer.generator, history=history)
-        try:
-            checkpoint.save(f.last, **save)
+        with self._writing():
+            self._save(f.last, trainer)
             if metrics.test_acc >= max(m.test_acc for m in trainer.history):
-                checkpoint.save(f.best, **save)
+                self._save(f.best, trainer)
             f.write_metrics(trainer.history)
             plots.training_curves(trainer.history, f.curves, title=f.path.name)
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        with self._writing():
+            self._save(self.folder.last, trainer)  # with the epoch's progress in it
+
+    def _save(self, path: Path, trainer: Trainer) -> None:
+        checkpoint.save(path, config=self.cfg, epoch=trainer.epoch, model=trainer.model,
+                        optimizer=trainer.optimizer, generator=trainer.generator,
+                        history=[m.as_dict() for m in trainer.history],
+                        partial=trainer.partial)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
         except OSError as e:
-            raise RunFolderError(f"{f.path}: cannot write the run folder "
+            raise RunFolderError(f"{self.folder.path}: cannot write the run folder "
                                  f"({e.strerror or e})") from None
 
     def on_fit_end(self, trainer: Trainer) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lenet.config import TrainSpec
 from lenet.data.batches import Batches
-from lenet.errors import ConfigError, DivergenceError
+from lenet.errors import ConfigError, DivergenceError, LenetError
 from lenet.evaluate import evaluate
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
@@ -34,6 +34,14 @@ class EpochMetrics:
         return asdict(self)
 
 
+class TrainingInterrupted(LenetError):
+    """Training stopped on request (Ctrl-C) after a whole step; the state was saved."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"interrupted in epoch {epoch} after step {step}")
+        self.epoch, self.step = epoch, step
+
+
 def mean_examples_per_s(history: list[EpochMetrics]) -> float:
     """Examples per second over the whole training loop: total examples / total seconds
     (every epoch sees the same number of examples)."""
@@ -47,7 +55,21 @@ class Callback:
     def on_epoch_start(self, trainer: Trainer, epoch: int, steps: int) -> None: ...
     def on_step(self, trainer: Trainer, step: int) -> None: ...
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
+    def on_interrupt(self, trainer: Trainer) -> None: ...
     def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+def pick_engine(model_spec, spec: TrainSpec, device: torch.device) -> tuple[str, str]:
+    """The fused kernel when it computes exactly this recipe here, else autograd; with a
+    few words on why, for the run's header."""
+    try:
+        from lenet import fused
+    except ImportError:  # TEMP while lenet.fused is being written
+        return "autograd", "PyTorch autograd"
+    reason = fused.supports(model_spec, spec, device)
+    if reason is None and fused.load() is not None:
+        return "fused", "fused C++ kernel (LENET_FUSED=0 for PyTorch autograd)"
+    return "autograd", f"PyTorch autograd (fused kernel: {reason or fused.why_unavailable()})"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,10 +93,13 @@ class Trainer:
     """Holds what a checkpoint needs (model, optimizer, generator, epoch, history) as plain
     attributes, so callbacks can save it and `restore` can put it back."""
 
-    def __init__(self, spec: TrainSpec, device: torch.device, callbacks=()):
+    def __init__(self, spec: TrainSpec, device: torch.device, callbacks=(),
+                 engine: str = "autograd"):
         self.spec = spec
         self.device = device
         self.callbacks = list(callbacks)
+        self.engine = engine  # "autograd", or "fused" (see lenet.fused; same math, one call)
+        self.fused = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         # Shuffling has its own generator: its state alone replays the batch order.
@@ -82,6 +107,11 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.history: list[EpochMetrics] = []
         self._resume_state: dict | None = None
+        # An epoch in progress, kept so an interrupt (Ctrl-C) can checkpoint mid-epoch and a
+        # resume replays the rest of it exactly: the shuffling state from before the epoch's
+        # permutation, the batches done, the running sums and the seconds spent.
+        self.partial: dict | None = None
+        self.stop_requested = False  # set from a signal handler; honoured after a step
         # The divergence guard reads the loss every step on the CPU (a few microseconds);
         # on a GPU that read would stall the queue, so it looks every 50 steps.
         self.guard_every = 1 if device.type == "cpu" else 50
@@ -93,6 +123,10 @@ class Trainer:
     def fit(self, model: torch.nn.Module, train: Batches, test: Batches) -> list[EpochMetrics]:
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(model, self.spec)
+        if self.engine == "fused":
+            from lenet.fused import FusedStep
+
+            self.fused = FusedStep(model, self.spec.lr)
         train.generator = self.generator
         if self._resume_state is not None:
             self._apply_resume(self._resume_state)
@@ -106,30 +140,50 @@ class Trainer:
 
     def _run_epoch(self, epoch, model, train, test) -> EpochMetrics:
         self._call("on_epoch_start", epoch, len(train))
+        resume, self.partial = self.partial, None
+        if resume is not None:
+            self.generator.set_state(resume["generator"])
+        gen_state = self.generator.get_state()  # before this epoch's permutation
+        skip = resume["step"] if resume else 0
+        spent = resume["seconds"] if resume else 0.0
         t0 = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for step, (x, y) in enumerate(train, 1):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        if resume is not None:
+            loss_sum += resume["loss_sum"].to(self.device)
+            correct += resume["correct"].to(self.device)
+        for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
+            if self.fused is not None:  # forward, loss, backward and update in one call
+                loss, right = self.fused.step(x, y)
+            else:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                right = (logits.argmax(1) == y).sum()
             # Metrics stay on the device; host syncs are only the guard's and the epoch's.
             loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            correct += right
             if step % self.guard_every == 0 and not torch.isfinite(loss_sum):  # sync
                 self._diverged(epoch, step)
             self._call("on_step", step)
+            if self.stop_requested and step < len(train):
+                self.partial = {"step": step, "generator": gen_state,
+                                "loss_sum": loss_sum.cpu(), "correct": correct.cpu(),
+                                "seconds": spent + time.perf_counter() - t0}
+                self._call("on_interrupt")
+                raise TrainingInterrupted(epoch, step)
         if not torch.isfinite(loss_sum):  # sync
             self._diverged(epoch, len(train))
         train_loss = loss_sum.item() / train.num_examples
         train_acc = correct.item() / train.num_examples
-        loop_s = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(model, test)
+        loop_s = spent + time.perf_counter() - t0
+        test_loss, test_acc = evaluate(model, test,
+                                       forward=self.fused.forward if self.fused else None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
-                            time.perf_counter() - t0, train.num_examples / loop_s)
+                            spent + time.perf_counter() - t0, train.num_examples / loop_s)
 
     def _diverged(self, epoch: int, step: int) -> None:
         where = f"step {step}" if self.guard_every == 1 else f"by step {step}"
@@ -144,6 +198,7 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"])
         self.epoch = int(state["epoch"])
         self.history = [EpochMetrics(**row) for row in state["history"]]
+        self.partial = state.get("partial")
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:

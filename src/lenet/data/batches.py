@@ -42,12 +42,17 @@ class Batches:
         return len(self.labels)
 
     def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, skip: int = 0):
+        """One pass; `skip` leaves out the first batches of the pass (the permutation is
+        drawn all the same), which is how an interrupted epoch is resumed exactly."""
         n, bs = self.num_examples, self.batch_size
         order = None
         if self.generator is not None:
             order = torch.randperm(n, generator=self.generator, device=self.generator.device)
             order = order.to(self.images.device)
-        for start in range(0, n, bs):  # the last, partial batch is kept: every example once
+        for start in range(skip * bs, n, bs):  # the last, partial batch is kept
             if order is None:
                 x, y = self.images[start:start + bs], self.labels[start:start + bs]
             else:
