@@ -7,6 +7,7 @@ the metrics so far, and the config that made it.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -62,7 +63,11 @@ def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,
         "history": history,
         "partial": partial,  # an interrupted epoch's progress (see Trainer.partial), or None
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    # Serialised in memory first: torch's zip writer turns a full disk into an opaque
+    # RuntimeError, while a plain write of bytes gives the OSError (ENOSPC) it really is.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load(path: str | Path) -> dict:

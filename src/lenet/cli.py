@@ -209,6 +209,17 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
 
 
 def cmd_train(a) -> int:
+    from lenet.runs import RunFolder
+
+    folders: list[RunFolder] = []
+    try:
+        return _train(a, folders)
+    finally:
+        for folder in folders:  # in-process callers (tests, notebooks) get the folder back
+            folder.unlock()
+
+
+def _train(a, folders: list) -> int:
     import torch
 
     from lenet import checkpoint
@@ -229,6 +240,7 @@ def cmd_train(a) -> int:
                               f"cannot change it (only --epochs and --device can)")
         folder = RunFolder(a.resume)
         folder.read_config()
+        folders.append(folder)
         folder.lock()
         ckpt = folder.checkpoint_for_resume()
         state = checkpoint.load(ckpt)
@@ -239,6 +251,7 @@ def cmd_train(a) -> int:
     else:
         cfg = build_config(a)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
+        folders.append(folder)
         if folder.config.exists():
             folder.create(cfg)  # raises: the folder already holds a run
 

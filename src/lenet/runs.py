@@ -17,7 +17,7 @@ from lenet.config import RunConfig
 from lenet.errors import RunFolderError
 from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
 
-_held_locks: list[int] = []
+_held_locks: dict[Path, int] = {}
 
 
 class RunFolder:
@@ -71,7 +71,12 @@ class RunFolder:
                                  f"wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
-        _held_locks.append(fd)  # closing the fd would release the lock
+        _held_locks[self.path] = fd  # closing the fd would release the lock
+
+    def unlock(self) -> None:
+        fd = _held_locks.pop(self.path, None)
+        if fd is not None:
+            os.close(fd)
 
     def _taken(self) -> RunFolderError:
         return RunFolderError(f"{self.path}: already holds a run; continue it with "
