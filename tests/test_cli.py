@@ -58,6 +58,8 @@ def test_train_writes_a_complete_run_folder_then_resume_and_evaluate(tmp_path, c
     assert cli.main(["evaluate", str(run)]) == 0
     out = capsys.readouterr().out
     assert f"test acc {float(rows2[-1][4]):.4f}" in out
+    assert "accuracy" in out and (run / "confusion.png").is_file()
+    assert (run / "misclassified.png").is_file()
 
 
 def test_same_seed_same_metrics(tmp_path, isolated_env):

@@ -333,6 +333,9 @@ def cmd_evaluate(a) -> int:
     loss, acc = evaluate(model.to(device), test)
     print(f"{path} (epoch {state['epoch']}) on {ds.name} test set, "
           f"{test.num_examples:,} images: test loss {loss:.4f}, test acc {acc:.4f}")
+    from lenet.cli_more import print_report
+
+    print_report(model, ds, device, folder.path, resize=cfg.data.resize)
     return 0
 
 

@@ -52,3 +52,153 @@ def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def _save_png(fig, path: Path) -> None:
+    plt = _pyplot()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def _framed(ax) -> None:
+    """No ticks, a thin gray frame: a white object touching the edge stays visible."""
+    ax.set_axis_on()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("0.6")
+        spine.set_linewidth(0.6)
+
+
+def activations_figure(images, row_labels, maps: dict, path: Path, *, max_maps: int = 16,
+                       title: str = "") -> None:
+    """One row per input: the input as the network sees it (0 black .. 1 white), labelled
+    on the left, then each layer's feature maps. `maps` is {layer title: array (N, C, h, w)};
+    every layer has one colour scale shared by all its maps and rows (the colour bar under
+    it), so maps can be compared across inputs. At most `max_maps` channels per layer."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = len(images)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    layers = []
+    for name, a in maps.items():
+        a = np.asarray(a, dtype=np.float32)
+        shown = a[:, :max_maps]
+        c, h, w = shown.shape[1:]
+        gap = max(1, round(w * 0.08))  # white pixels between maps
+        # A row's maps of one layer tiled into one image: one axes per layer, not per map,
+        # keeps drawing fast.
+        tiles = np.full((n, h, c * (w + gap) - gap), np.nan, np.float32)
+        for k in range(c):
+            tiles[:, :, k * (w + gap):k * (w + gap) + w] = shown[:, k]
+        layers.append((name, tiles, a.shape[1], c, w, gap))
+    cell, spacer, left, top, bottom = 0.62, 0.25, 1.55, 0.75, 0.75  # inches
+    widths = [1.0]
+    for _, tiles, *_, w, _ in layers:
+        widths += [spacer / cell, tiles.shape[2] / w]
+    width = left + cell * sum(widths) + 0.2
+    height = top + bottom + n * cell * 1.08
+    fig, axes = plt.subplots(n, len(widths), figsize=(width, height), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, top=1 - top / height,
+                        bottom=bottom / height, wspace=0.0, hspace=0.08)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r in range(n):
+        ax = axes[r, 0]
+        ax.imshow(np.asarray(images[r]) / 255.0, cmap="gray", vmin=0, vmax=1)
+        _framed(ax)
+        ax.text(-0.12, 0.5, row_labels[r], transform=ax.transAxes, ha="right", va="center",
+                fontsize=8)
+    axes[0, 0].set_title("input", fontsize=8)
+    for i, (name, tiles, total, c, w, gap) in enumerate(layers):
+        col = 2 + 2 * i
+        finite = tiles[np.isfinite(tiles)]
+        lo, hi = float(finite.min()), float(finite.max())
+        hi = hi if hi > lo else lo + 1e-6
+        for r in range(n):
+            image = axes[r, col].imshow(np.ma.masked_invalid(tiles[r]), cmap=cmap, vmin=lo,
+                                        vmax=hi, aspect="auto", interpolation="nearest")
+        head = axes[0, col]
+        head.set_axis_on()
+        head.set_yticks([])
+        head.xaxis.set_ticks_position("top")
+        head.set_xticks([k * (w + gap) + (w - 1) / 2 for k in range(c)],
+                        [str(k + 1) for k in range(c)], fontsize=7)
+        head.tick_params(length=0, pad=2)
+        for spine in head.spines.values():
+            spine.set_visible(False)
+        box = head.get_position()
+        shown = f"{c} of {total}" if total > c else f"{total}"
+        fig.text((box.x0 + box.x1) / 2, box.y1 + 0.3 / height,
+                 f"{name}: {shown} maps, {tiles.shape[1]}x{w}", ha="center", va="bottom",
+                 fontsize=9)
+        low = axes[n - 1, col].get_position()
+        bar = fig.add_axes((box.x0, low.y0 - 0.42 / height, box.x1 - box.x0, 0.12 / height))
+        fig.colorbar(image, cax=bar, orientation="horizontal")
+        bar.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+    _save_png(fig, path)
+
+
+def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
+    """The confusion matrix: counts written in each cell, colour = the fraction of the true
+    class (row-normalised), true class down, predicted class across."""
+    import numpy as np
+
+    plt = _pyplot()
+    cm = np.asarray(cm)
+    k = len(classes)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = cm / np.maximum(rows, 1)
+    side = max(4.5, 0.62 * k + 2.2)
+    fig, ax = plt.subplots(figsize=(side + 0.9, side), dpi=110)
+    image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    size = 7 if k <= 12 else 5
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center", fontsize=size,
+                        color="white" if frac[i, j] > 0.55 else "black")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("fraction of the true class", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title((f"{title}\n" if title else "") +
+                 f"{int(cm.sum()):,} images, accuracy {accuracy:.4f}", fontsize=9)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int = 32,
+                          title: str = "") -> None:
+    """Up to n misclassified images in a grid, in the order given (most confident mistakes
+    first is the useful order), each titled with its true class and the prediction."""
+    import numpy as np
+
+    plt = _pyplot()
+    count = min(n, len(images))
+    cols = 8
+    rows = max(1, -(-count // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.45, rows * 1.75 + 0.5), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(count):
+        ax = axes.flat[i]
+        ax.imshow(np.asarray(images[i]) / 255.0, cmap="gray", vmin=0, vmax=1)
+        _framed(ax)
+        ax.set_title(f"{classes[int(true[i])]}\n→ {classes[int(pred[i])]} {float(probs[i]):.2f}",
+                     fontsize=7, pad=2, color="black")
+    if count == 0:
+        axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=10)
+    fig.suptitle(title or f"misclassified: true class, then → prediction and its probability "
+                 f"({count} shown)", fontsize=9)
+    fig.tight_layout()
+    _save_png(fig, path)

@@ -1,0 +1,163 @@
+"""Look inside the network (the chapter's exercises 4 and 5): what the conv layers' feature
+maps show for chosen inputs, test images, your own images, noise or a blank picture."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lenet.errors import ConfigError
+
+# A unit counts as active above its activation's midpoint: sigmoid outputs 0.5 for a zero
+# input, so only > 0.5 means the weighted sum was positive; tanh, ReLU and GELU are > 0.
+ACTIVE_ABOVE = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "gelu": 0.0}
+NOISES = ("uniform", "gaussian")
+
+
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """One input to look at: uint8 pixels (H, W) as the network sees them (light on black)."""
+
+    name: str  # what the row is called, e.g. "test #17" or "shoe.jpg"
+    image: np.ndarray
+    label: str | None = None  # the true class, when known
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    mean: float
+    max: float
+    active: float  # fraction of units above ACTIVE_ABOVE[activation]
+
+
+def conv_activations(model: torch.nn.Module) -> list[str]:
+    """The activation after each conv layer (act1, act2, ... for conv1, conv2, ...)."""
+    names = dict(model.named_children())
+    return [f"act{i}" for i in range(1, len(names) + 1)
+            if f"conv{i}" in names and f"act{i}" in names]
+
+
+def capture(model: torch.nn.Module, x: torch.Tensor,
+            layers: Sequence[str] = ("act1", "act2")) -> dict[str, torch.Tensor]:
+    """The outputs of the named layers for input `x` (N, C, H, W), captured by forward
+    hooks in eval mode without autograd; on the CPU, in the order of `layers`."""
+    modules = dict(model.named_children())
+    unknown = [n for n in layers if n not in modules]
+    if unknown:
+        raise ConfigError(f"unknown layer '{unknown[0]}': expected one of {', '.join(modules)}")
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            out[name] = output.detach().cpu()
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: out[n] for n in layers}
+
+
+def active_threshold(activation: str) -> float:
+    try:
+        return ACTIVE_ABOVE[activation]
+    except KeyError:
+        raise ConfigError(f"activation '{activation}': expected one of "
+                          f"{', '.join(ACTIVE_ABOVE)}") from None
+
+
+def stats(acts: dict[str, torch.Tensor], activation: str = "sigmoid"
+          ) -> list[dict[str, LayerStats]]:
+    """Per input, per layer: mean and max activation and the fraction of active units.
+    A unit is active above its activation's midpoint: > 0.5 for sigmoid, > 0 for tanh,
+    ReLU and GELU (see ACTIVE_ABOVE)."""
+    above = active_threshold(activation)
+    n = len(next(iter(acts.values()))) if acts else 0
+    rows: list[dict[str, LayerStats]] = [{} for _ in range(n)]
+    for name, a in acts.items():
+        flat = a.reshape(len(a), -1).float()
+        means, maxes = flat.mean(1).tolist(), flat.amax(1).tolist()
+        active = (flat > above).float().mean(1).tolist()
+        for i in range(n):
+            rows[i][name] = LayerStats(means[i], maxes[i], active[i])
+    return rows
+
+
+def class_indices(names: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """Class numbers for names matched case-insensitively (and ignoring surrounding
+    spaces); an unknown name is a ConfigError listing the valid ones."""
+    lookup = {c.strip().lower(): k for k, c in enumerate(classes)}
+    found = []
+    for name in names:
+        k = lookup.get(name.strip().lower())
+        if k is None:
+            raise ConfigError(f"unknown class '{name.strip()}': expected one of "
+                              f"{', '.join(classes)}")
+        found.append(k)
+    return found
+
+
+def first_of_class(labels: np.ndarray, k: int, count: int) -> list[int]:
+    """The first `count` indices whose label is k (fewer if the split has fewer)."""
+    return np.flatnonzero(labels == k)[:count].tolist()
+
+
+def noise(kind: str, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """uint8 (size, size): uniform over 0..255, or gaussian around mid-gray (sd 64)."""
+    if kind == "uniform":
+        return rng.integers(0, 256, (size, size), dtype=np.uint8)
+    if kind == "gaussian":
+        return np.clip(rng.normal(128, 64, (size, size)).round(), 0, 255).astype(np.uint8)
+    raise ConfigError(f"--noise {kind}: expected one of {', '.join(NOISES)}")
+
+
+def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str] = (),
+           per_class: int = 2, indices: Sequence[int] = (), images: Sequence[Path] = (),
+           noises: Sequence[str] = (), seed: int = 0, blank: bool = False,
+           size: int = 28) -> list[Probe]:
+    """The inputs to look at, in this order: test images of the named classes (`per_class`
+    each), test images by index, image files, noise, a blank image. With no selector: two
+    Pullovers and two Coats when the classes exist (the pair the network confuses most),
+    else the first four test images. `split` (images, labels) is needed for class names,
+    indices and the default."""
+    from lenet.predict import load_image
+
+    def from_test(i: int, name: str) -> Probe:
+        return Probe(name, split.images[i], classes[int(split.labels[i])])
+
+    nothing = not (class_names or indices or images or noises or blank)
+    if nothing:
+        wanted = [c for c in ("pullover", "coat") if c in {x.lower() for x in classes}]
+        class_names = wanted if len(wanted) == 2 else ()
+        indices = () if class_names else range(min(4, len(split.labels) if split else 0))
+    if (class_names or indices) and split is None:
+        raise ConfigError("choosing test images needs the run's data set")
+    if per_class < 1:
+        raise ConfigError(f"--per-class {per_class}: expected a positive integer")
+    probes = []
+    for k in class_indices(class_names, classes):
+        found = first_of_class(split.labels, k, per_class)
+        if not found:
+            raise ConfigError(f"class '{classes[k]}': the test set holds no such image")
+        probes += [from_test(i, f"test #{i}") for i in found]
+    n = len(split.labels) if split is not None else 0
+    for i in indices:
+        if not 0 <= i < n:
+            raise ConfigError(f"--index {i}: expected 0 to {n - 1} (the test set's size)")
+        probes.append(from_test(i, f"test #{i}"))
+    probes += [Probe(Path(p).name, load_image(p, size)) for p in images]
+    rng = np.random.default_rng(seed)
+    probes += [Probe(f"{kind} noise", noise(kind, rng, size)) for kind in noises]
+    if blank:
+        probes.append(Probe("blank", np.zeros((size, size), np.uint8)))
+    return probes

@@ -1,0 +1,130 @@
+"""What a trained run gets right and wrong: confusion matrix, per-class accuracy, the most
+confused pairs, the misclassified examples. Also `load_run`, the one way the inspection
+verbs (evaluate's report, predict, activations, export) load a trained network."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lenet import checkpoint
+from lenet.config import RunConfig
+from lenet.data import sources
+from lenet.data.batches import Batches
+from lenet.errors import ConfigError, DataError
+from lenet.models import build
+from lenet.runs import RunFolder
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedRun:
+    folder: Path
+    config: RunConfig  # the checkpoint's own config, which built `model`
+    model: torch.nn.Sequential  # on the CPU, in eval mode
+    checkpoint: Path
+    epoch: int  # epochs completed when the checkpoint was written
+
+
+def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
+    """The network of a run folder, from its last.ckpt or best.ckpt; raises RunFolderError
+    or CheckpointError naming the file."""
+    if which not in ("last", "best"):
+        raise ConfigError(f"--checkpoint {which}: expected last or best")
+    folder = RunFolder(run_dir)
+    folder.read_config()  # a clear error for a folder that is not a run
+    path = folder.best if which == "best" else folder.last
+    state = checkpoint.load(path)
+    cfg = state["config"]
+    model = build(cfg.model)
+    checkpoint.restore_model(path, state, model)
+    return LoadedRun(folder.path, cfg, model.eval(), path, int(state["epoch"]))
+
+
+def class_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The run's class names without loading (or downloading) its data: the registry's, a
+    data folder's classes.txt, else "0", "1", ... as `sources.load` names them."""
+    n = cfg.model.num_classes
+    name = cfg.data.name
+    if name in sources.DATASETS and len(sources.DATASETS[name].classes) == n:
+        return sources.DATASETS[name].classes
+    folder = Path(name)
+    listed = folder / "classes.txt"
+    if listed.is_file():
+        try:
+            names = tuple(s.strip() for s in listed.read_text("utf-8").splitlines() if s.strip())
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{listed}: cannot read class names ({e})") from None
+        if len(names) == n:
+            return names
+    registered = sources.DATASETS.get(folder.name)
+    if registered is not None and len(registered.classes) == n:
+        return registered.classes
+    return tuple(str(k) for k in range(n))
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    labels: np.ndarray  # int64 (N,), the true classes
+    pred: np.ndarray  # int64 (N,), the predicted classes
+    prob: np.ndarray  # float32 (N,), the probability given to the predicted class
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.labels == self.pred).mean()) if len(self.labels) else float("nan")
+
+
+def classify(model: torch.nn.Module, batches: Batches) -> Predictions:
+    """Predicted class and its probability for every example, in the batches' order (give
+    Batches without a generator to keep the split's order)."""
+    was_training = model.training
+    model.eval()
+    preds, probs = [], []
+    with torch.inference_mode():
+        for x, _ in batches:
+            p, k = torch.softmax(model(x).float(), dim=1).max(dim=1)
+            preds.append(k)
+            probs.append(p)
+    model.train(was_training)
+    labels = batches.labels.cpu().numpy().astype(np.int64)
+    if not preds:
+        return Predictions(labels, np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return Predictions(labels, torch.cat(preds).cpu().numpy().astype(np.int64),  # one sync
+                       torch.cat(probs).cpu().numpy().astype(np.float32))
+
+
+def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 (num_classes, num_classes): row = true class, column = predicted class."""
+    labels, pred = np.asarray(labels, np.int64), np.asarray(pred, np.int64)
+    if labels.shape != pred.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {pred.shape} differ in shape")
+    for what, a in (("label", labels), ("prediction", pred)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise DataError(f"a {what} lies outside 0..{num_classes - 1}")
+    cm = np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
+    """float64 (classes,): the fraction of each true class predicted right (nan when the
+    class has no examples)."""
+    totals = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
+
+
+def most_confused(cm: np.ndarray, classes, k: int = 5) -> list[tuple[str, str, int]]:
+    """The k largest off-diagonal counts as (true class, predicted class, count), largest
+    first; ties keep the matrix's row-major order; pairs never confused are left out."""
+    off = cm.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    n = cm.shape[1]
+    return [(classes[i // n], classes[i % n], int(off.flat[i])) for i in flat if off.flat[i] > 0]
+
+
+def misclassified(p: Predictions) -> np.ndarray:
+    """Indices of the wrong predictions, the most confident mistakes first."""
+    wrong = np.flatnonzero(p.labels != p.pred)
+    return wrong[np.argsort(-p.prob[wrong], kind="stable")]
