@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"
+	@echo "building the fused C++ training step (once, about a minute)"
+	@$(BIN)/python -c "from lenet import fused; fused.load() or print('fused kernel unavailable:', fused.why_unavailable(), '- PyTorch autograd will be used')"
 	touch $(STAMP)
 
 # Fashion-MNIST: found where it is; on Debian as root, installed from Debian's package;

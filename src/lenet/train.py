@@ -62,10 +62,8 @@ class Callback:
 def pick_engine(model_spec, spec: TrainSpec, device: torch.device) -> tuple[str, str]:
     """The fused kernel when it computes exactly this recipe here, else autograd; with a
     few words on why, for the run's header."""
-    try:
-        from lenet import fused
-    except ImportError:  # TEMP while lenet.fused is being written
-        return "autograd", "PyTorch autograd"
+    from lenet import fused
+
     reason = fused.supports(model_spec, spec, device)
     if reason is None and fused.load() is not None:
         return "fused", "fused C++ kernel (LENET_FUSED=0 for PyTorch autograd)"

@@ -1,0 +1,121 @@
+"""Training-step speed of the book LeNet-5, batch 128: PyTorch autograd vs the fused C++ step
+(lenet.fused), at 1 and 2 threads, plus an eval forward of 10,000 images.
+
+    python benchmarks/step_speed.py [--rounds 12] [--steps 10]
+
+On a shared machine one slow variant run after another would measure the neighbours' load,
+not the code: the variants run interleaved, round-robin blocks of --steps steps in one
+process, and the table gives the min and median ms/step over the rounds (examples/s and
+speed-up from the min). Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lenet import fused, models
+from lenet.config import ModelSpec
+
+BATCH = 128  # the book's
+LR = 0.9  # the book preset's
+EVAL_IMAGES = 10_000  # Fashion-MNIST's test split
+
+
+def autograd_step(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def fused_step(model, x, y):
+    f = fused.FusedStep(model, LR)
+    return lambda: f.step(x, y)
+
+
+def ms_per_call(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def measure_steps(rounds: int, steps: int) -> dict[str, list[float]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(BATCH, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    variants = {"autograd (nn.Sequential + SGD)": autograd_step(models.init_model(ModelSpec(), 0),
+                                                                  x, y),
+                "fused C++ step": fused_step(models.init_model(ModelSpec(), 0), x, y)}
+    for fn in variants.values():  # warm-up: allocator, MKL and OpenMP thread pools
+        ms_per_call(fn, 5)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(ms_per_call(fn, steps))
+    return times
+
+
+def measure_eval(repeats: int = 3) -> dict[str, list[float]]:
+    x = torch.rand(EVAL_IMAGES, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    model = models.init_model(ModelSpec(), 0).eval()
+    f = fused.FusedStep(model, LR)
+    variants = {"eval 10k: autograd inference_mode": lambda: model(x),
+                "eval 10k: fused forward": lambda: f.forward(x)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                times[name].append(ms_per_call(fn, 1))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds per thread count")
+    ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    args = ap.parse_args()
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    t0 = time.perf_counter()
+    if fused.load() is None:
+        raise SystemExit(f"fused kernel unavailable: {fused.why_unavailable()}")
+    print(f"fused kernel build/load: {time.perf_counter() - t0:.1f} s")
+
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for times, per in ((measure_steps(args.rounds, args.steps), BATCH),
+                           (measure_eval(), EVAL_IMAGES)):
+            base = min(next(iter(times.values())))
+            for name, ts in times.items():
+                best = min(ts)
+                rows.append((threads, name, best, statistics.median(ts), per / best * 1e3,
+                             base / best))
+
+    print(f"\nbatch {BATCH}, {args.rounds} interleaved rounds of {args.steps} steps; "
+          "eval rows: ms per 10,000-image forward")
+    print(f"{'thr':>3} | {'variant':<34} | {'min ms':>8} | {'median ms':>9} | "
+          f"{'ex/s (min)':>10} | {'speed-up':>8}")
+    print("-" * 89)
+    for threads, name, best, median, per_s, speedup in rows:
+        print(f"{threads:>3} | {name:<34} | {best:8.2f} | {median:9.2f} | {per_s:10.0f} | "
+              f"{speedup:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

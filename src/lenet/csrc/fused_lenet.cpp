@@ -1,0 +1,589 @@
+// The book's LeNet-5 training step (forward, mean cross-entropy, backward, plain SGD) in one
+// call, fp32 on the CPU. Built and documented by lenet/fused.py; see its docstring for the
+// numbers this file is checked against.
+//
+// Why one call: at batch 128 on a few cores PyTorch autograd spends most of a step on per-op
+// dispatch and on full-size passes over the 600k conv1 activations; here every image stays in
+// cache from conv1 to pool1, conv2 runs as GEMMs on chunks of `block` images, and nothing is
+// allocated per step.
+//
+// Layout (all fp32, row-major):
+//   conv1 1->6 5x5 pad 2 (direct AVX2), sigmoid, avgpool 2 -> P1 [6][14][14]
+//   conv2 6->16 5x5 (im2col + sgemm, channel-major (150, chunk*100)), sigmoid, avgpool 2
+//   flatten -> F [400], fc 400->120->84 (sigmoid) -> C logits, all as sgemm on the batch.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+// MKL's sgemm, which libtorch_cpu exports: the chunk GEMMs here are too small for at::mm's
+// dispatch and allocation overhead to pay off.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const float*, const int*, const float*, const int*, const float*, float*,
+                       const int*);
+
+namespace {
+
+// Image geometry of the book network.
+constexpr int kImg = 28, kImgPixels = kImg * kImg;
+constexpr int XW = 40;  // padded input row stride: 32 rows x 40, image at [2..29][2..29]; the
+                        // extra columns let 16-wide vector loads run past the edge safely
+constexpr int AW = 32;  // conv1 output row stride: 28 valid + 4 never-read lanes
+constexpr int kA1 = 6 * 28 * AW;   // conv1 activations per image
+constexpr int kP1 = 6 * 14 * 14;   // pool1 output per image
+constexpr int kA2 = 16 * 100;      // conv2 activations per image (10x10)
+constexpr int kFeat = 400;         // pool2 output, flattened
+constexpr int kH3 = 120, kH4 = 84;
+constexpr int kCols = 150;         // conv2 im2col rows: 6 channels x 5 x 5 taps
+
+// Gradient layout = parameter order; the conv part first, so per-chunk partial sums of the
+// conv gradients are one contiguous prefix.
+constexpr int kW1 = 150, kB1 = 6, kW2 = 2400, kB2 = 16;
+constexpr int kConvGrads = kW1 + kB1 + kW2 + kB2;
+
+// ---------------------------------------------------------------------------------------------
+// Small numeric helpers
+
+// Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, through column-major sgemm by
+// computing C^T = op(B)^T op(A)^T.
+void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc) {
+  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+  sgemm_(&tA, &tB, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// Cephes-style exp: ~1 ulp over the clamped range. The clamp keeps x as the second operand
+// of min/max so a NaN passes through (min/max return their second operand on NaN) and a
+// diverged run still shows a NaN loss instead of a saturated, finite one.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);  // ln 2 split in two for accuracy
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// A true division rather than rcp + Newton: it costs a few percent of the step and keeps the
+// activations within ~1 ulp of torch.sigmoid, so training curves match autograd's.
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+inline float sigmoid1(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Per-thread scratch that lives across calls: re-allocating megabytes per step showed up as
+// page faults costing more than conv1 itself.
+float* scratch(int which, size_t n) {
+  thread_local std::vector<float> bufs[6];
+  if (bufs[which].size() < n) bufs[which].resize(n);
+  return bufs[which].data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pointers into the caller's tensors
+
+struct Params {
+  const float *w1, *b1, *w2, *b2, *w3, *b3, *w4, *b4, *w5, *b5;
+  int classes;
+};
+
+// What the forward keeps for the backward, one row per image.
+struct Saved {
+  float *A1, *P1, *A2, *F, *H3, *H4, *L;
+};
+
+// ---------------------------------------------------------------------------------------------
+// conv1 + pool1, one image at a time (stays in L1)
+
+void pad_image(const float* x, float* xp) {
+  std::memset(xp, 0, sizeof(float) * 32 * XW);
+  for (int i = 0; i < kImg; i++) std::memcpy(xp + (i + 2) * XW + 2, x + i * kImg, kImg * 4);
+}
+
+// 12 accumulators (6 channels x 16 columns) fit the 16 ymm registers with room for the input.
+void conv1_forward(const float* xp, const float* w, const float* b, float* a1) {
+  for (int i = 0; i < 28; i++)
+    for (int h = 0; h < 2; h++) {
+      __m256 acc[6][2];
+      for (int c = 0; c < 6; c++) acc[c][0] = acc[c][1] = _mm256_set1_ps(b[c]);
+      for (int ki = 0; ki < 5; ki++)
+        for (int kj = 0; kj < 5; kj++) {
+          const float* xr = xp + (i + ki) * XW + h * 16 + kj;
+          const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+          for (int c = 0; c < 6; c++) {
+            const __m256 wv = _mm256_set1_ps(w[c * 25 + ki * 5 + kj]);
+            acc[c][0] = _mm256_fmadd_ps(wv, x0, acc[c][0]);
+            acc[c][1] = _mm256_fmadd_ps(wv, x1, acc[c][1]);
+          }
+        }
+      for (int c = 0; c < 6; c++) {
+        float* o = a1 + c * 28 * AW + i * AW + h * 16;
+        _mm256_storeu_ps(o, sigmoid8(acc[c][0]));
+        _mm256_storeu_ps(o + 8, sigmoid8(acc[c][1]));
+      }
+    }
+}
+
+void pool1_forward(const float* a1, float* p1) {
+  for (int c = 0; c < 6; c++)
+    for (int i = 0; i < 14; i++) {
+      const float* r0 = a1 + c * 28 * AW + 2 * i * AW;
+      const float* r1 = r0 + AW;
+      float* o = p1 + c * 196 + i * 14;
+      for (int j = 0; j < 14; j++)
+        o[j] = 0.25f * ((r0[2 * j] + r0[2 * j + 1]) + (r1[2 * j] + r1[2 * j + 1]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv2 as GEMM on a chunk of images. Channel-major columns (150, chunk*100) make the forward
+// W2[16,150] @ cols one GEMM with a long N, which MKL runs near peak even at M = 16.
+
+void im2col(const float* p1, int bs, float* cols, int ld) {
+  for (int r = 0; r < kCols; r++) {
+    const int ci = r / 25, ki = r / 5 % 5, kj = r % 5;
+    for (int nb = 0; nb < bs; nb++) {
+      const float* src = p1 + nb * kP1 + ci * 196 + ki * 14 + kj;
+      float* dst = cols + r * ld + nb * 100;
+      for (int i = 0; i < 10; i++) std::memcpy(dst + i * 10, src + i * 14, 10 * 4);
+    }
+  }
+}
+
+void col2im(const float* cols, int bs, int ld, float* dp1) {
+  std::memset(dp1, 0, sizeof(float) * bs * kP1);
+  for (int r = 0; r < kCols; r++) {
+    const int ci = r / 25, ki = r / 5 % 5, kj = r % 5;
+    for (int nb = 0; nb < bs; nb++) {
+      float* dst = dp1 + nb * kP1 + ci * 196 + ki * 14 + kj;
+      const float* src = cols + r * ld + nb * 100;
+      for (int i = 0; i < 10; i++) {
+        float* d = dst + i * 14;
+        const float* s = src + i * 10;
+        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_loadu_ps(s)));
+        d[8] += s[8];
+        d[9] += s[9];
+      }
+    }
+  }
+}
+
+// In place on z2 (16, bs*100): add bias, sigmoid; then pool2 into the features F (bs, 400).
+void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* F) {
+  const int ld = bs * 100;
+  for (int c = 0; c < 16; c++) {
+    float* zr = z2 + c * ld;
+    const __m256 bv = _mm256_set1_ps(b2[c]);
+    int k = 0;
+    for (; k + 8 <= ld; k += 8)
+      _mm256_storeu_ps(zr + k, sigmoid8(_mm256_add_ps(_mm256_loadu_ps(zr + k), bv)));
+    for (; k < ld; k++) zr[k] = sigmoid1(zr[k] + b2[c]);
+    for (int nb = 0; nb < bs; nb++) {
+      const float* a = zr + nb * 100;
+      if (a2_saved) std::memcpy(a2_saved + nb * kA2 + c * 100, a, 100 * 4);
+      float* f = F + nb * kFeat + c * 25;
+      for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 5; j++)
+          f[i * 5 + j] = 0.25f * ((a[2 * i * 10 + 2 * j] + a[2 * i * 10 + 2 * j + 1]) +
+                                  (a[(2 * i + 1) * 10 + 2 * j] + a[(2 * i + 1) * 10 + 2 * j + 1]));
+    }
+  }
+}
+
+// Features F (N, 400) of every image; with `saved`, also what the backward needs.
+void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Saved* saved,
+                  int block) {
+  const int64_t chunks = (N + block - 1) / block;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    float* xp = scratch(0, 32 * XW);
+    float* a1_tmp = scratch(1, kA1);
+    float* p1_tmp = scratch(2, (size_t)block * kP1);
+    float* cols = scratch(3, (size_t)kCols * block * 100);
+    float* z2 = scratch(4, (size_t)16 * block * 100);
+    for (int64_t ch = c0; ch < c1; ch++) {
+      const int64_t n0 = ch * block;
+      const int bs = (int)std::min<int64_t>(block, N - n0);
+      float* p1 = saved ? saved->P1 + n0 * kP1 : p1_tmp;
+      for (int nb = 0; nb < bs; nb++) {
+        float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : a1_tmp;
+        pad_image(x + (n0 + nb) * kImgPixels, xp);
+        conv1_forward(xp, p.w1, p.b1, a1);
+        pool1_forward(a1, p1 + nb * kP1);
+      }
+      const int ld = bs * 100;
+      im2col(p1, bs, cols, ld);
+      gemm(false, false, 16, ld, kCols, 1.f, p.w2, kCols, cols, ld, 0.f, z2, ld);
+      conv2_epilogue(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr, F + n0 * kFeat);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv backward, per chunk. Each chunk writes its own partial gradient; they are summed in
+// chunk order afterwards, so the result never depends on which thread ran which chunk.
+
+// dZ2 (16, bs*100) = upsampled dF / 4 * sigmoid'; also the chunk's conv2 bias gradient.
+void pool2_sigmoid_backward(const float* dF, const float* A2, int bs, float* dz2, float* db2) {
+  const int ld = bs * 100;
+  for (int c = 0; c < 16; c++) {
+    float s = 0.f;
+    for (int nb = 0; nb < bs; nb++) {
+      const float* a = A2 + nb * kA2 + c * 100;
+      const float* g = dF + nb * kFeat + c * 25;
+      float* d = dz2 + c * ld + nb * 100;
+      for (int i = 0; i < 10; i++)
+        for (int j = 0; j < 10; j++) {
+          const float av = a[i * 10 + j];
+          const float v = 0.25f * g[(i >> 1) * 5 + (j >> 1)] * av * (1.f - av);
+          d[i * 10 + j] = v;
+          s += v;
+        }
+    }
+    db2[c] = s;
+  }
+}
+
+// dZ1 (6, 28, AW) of one image = upsampled dP1 / 4 * sigmoid'; the 4 padding lanes of each
+// row are zeroed so conv1's weight gradient can use whole 8-wide loads.
+void pool1_sigmoid_backward(const float* a1, const float* dp1, float* dz1, __m256* db1) {
+  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256 keep4 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
+  const __m256 quarter = _mm256_set1_ps(0.25f), one = _mm256_set1_ps(1.f);
+  for (int c = 0; c < 6; c++)
+    for (int i = 0; i < 28; i++) {
+      const float* ar = a1 + c * 28 * AW + i * AW;
+      const float* gr = dp1 + c * 196 + (i >> 1) * 14;
+      float* dr = dz1 + c * 28 * AW + i * AW;
+      for (int v = 0; v < 4; v++) {
+        const __m256 g8 =
+            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(gr + 4 * v)), dup);
+        const __m256 av = _mm256_loadu_ps(ar + 8 * v);
+        __m256 d = _mm256_mul_ps(_mm256_mul_ps(quarter, g8),
+                                 _mm256_mul_ps(av, _mm256_sub_ps(one, av)));
+        if (v == 3) d = _mm256_and_ps(d, keep4);
+        _mm256_storeu_ps(dr + 8 * v, d);
+        db1[c] = _mm256_add_ps(db1[c], d);
+      }
+    }
+}
+
+// conv1's weight gradient as 150 running vector sums (horizontal sums once per chunk).
+// conv1 needs no input gradient, so this is all of its backward.
+void conv1_weight_backward(const float* xp, const float* dz1, __m256* dw1) {
+  for (int ki = 0; ki < 5; ki++)
+    for (int kj = 0; kj < 5; kj++) {
+      __m256 s[6];
+      for (int c = 0; c < 6; c++) s[c] = _mm256_setzero_ps();
+      for (int i = 0; i < 28; i++) {
+        const float* xr = xp + (i + ki) * XW + kj;
+        for (int v = 0; v < 4; v++) {
+          const __m256 xv = _mm256_loadu_ps(xr + v * 8);
+          for (int c = 0; c < 6; c++)
+            s[c] = _mm256_fmadd_ps(_mm256_loadu_ps(dz1 + c * 28 * AW + i * AW + v * 8), xv, s[c]);
+        }
+      }
+      for (int c = 0; c < 6; c++) {
+        __m256& acc = dw1[c * 25 + ki * 5 + kj];
+        acc = _mm256_add_ps(acc, s[c]);
+      }
+    }
+}
+
+// The conv gradients of images [n0, n0+bs) into `part` (kConvGrads floats, overwritten).
+void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, const Saved& sv,
+                         const float* w2, int block, float* part) {
+  float* dw1 = part;
+  float* db1 = dw1 + kW1;
+  float* dw2 = db1 + kB1;
+  float* db2 = dw2 + kW2;
+  float* xp = scratch(0, 32 * XW);
+  float* dz1 = scratch(1, kA1);
+  float* dp1 = scratch(2, (size_t)block * kP1);
+  float* cols = scratch(3, (size_t)kCols * block * 100);
+  float* dz2 = scratch(4, (size_t)16 * block * 100);
+  float* dcols = scratch(5, (size_t)kCols * block * 100);
+  const int ld = bs * 100;
+
+  pool2_sigmoid_backward(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
+  // Recomputing im2col is cheaper than keeping 150 x 100 floats per image around.
+  im2col(sv.P1 + n0 * kP1, bs, cols, ld);
+  gemm(false, true, 16, kCols, ld, 1.f, dz2, ld, cols, ld, 0.f, dw2, kCols);
+  gemm(true, false, kCols, ld, 16, 1.f, w2, kCols, dz2, ld, 0.f, dcols, ld);
+  col2im(dcols, bs, ld, dp1);
+
+  __m256 w1acc[kW1], b1acc[kB1];
+  for (auto& v : w1acc) v = _mm256_setzero_ps();
+  for (auto& v : b1acc) v = _mm256_setzero_ps();
+  for (int nb = 0; nb < bs; nb++) {
+    pool1_sigmoid_backward(sv.A1 + (n0 + nb) * kA1, dp1 + nb * kP1, dz1, b1acc);
+    pad_image(x + (n0 + nb) * kImgPixels, xp);
+    conv1_weight_backward(xp, dz1, w1acc);
+  }
+  for (int t = 0; t < kW1; t++) dw1[t] = hsum8(w1acc[t]);
+  for (int c = 0; c < kB1; c++) db1[c] = hsum8(b1acc[c]);
+}
+
+void conv_backward(const float* x, int64_t N, const float* dF, const Saved& sv, const float* w2,
+                   int block, float* grads) {
+  const int64_t chunks = (N + block - 1) / block;
+  std::vector<float> parts((size_t)chunks * kConvGrads);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ch++) {
+      const int64_t n0 = ch * block;
+      const int bs = (int)std::min<int64_t>(block, N - n0);
+      conv_backward_chunk(x, n0, bs, dF, sv, w2, block, parts.data() + ch * kConvGrads);
+    }
+  });
+  std::memcpy(grads, parts.data(), kConvGrads * 4);
+  for (int64_t ch = 1; ch < chunks; ch++) {
+    const float* p = parts.data() + ch * kConvGrads;
+    for (int k = 0; k < kConvGrads; k++) grads[k] += p[k];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense layers on the whole batch
+
+void add_bias_sigmoid(float* o, int64_t rows, int width, const float* b) {
+  for (int64_t r = 0; r < rows; r++) {
+    float* p = o + r * width;
+    int k = 0;
+    for (; k + 8 <= width; k += 8) {
+      const __m256 z = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(b + k));
+      _mm256_storeu_ps(p + k, sigmoid8(z));
+    }
+    for (; k < width; k++) p[k] = sigmoid1(p[k] + b[k]);
+  }
+}
+
+void dense_forward(int n, const Params& p, const float* F, float* H3, float* H4, float* L) {
+  const int C = p.classes;
+  gemm(false, true, n, kH3, kFeat, 1.f, F, kFeat, p.w3, kFeat, 0.f, H3, kH3);
+  add_bias_sigmoid(H3, n, kH3, p.b3);
+  gemm(false, true, n, kH4, kH3, 1.f, H3, kH3, p.w4, kH3, 0.f, H4, kH4);
+  add_bias_sigmoid(H4, n, kH4, p.b4);
+  gemm(false, true, n, C, kH4, 1.f, H4, kH4, p.w5, kH4, 0.f, L, C);
+  for (int64_t r = 0; r < n; r++)
+    for (int k = 0; k < C; k++) L[r * C + k] += p.b5[k];
+}
+
+// torch.argmax's rule: the first maximum, and a NaN counts as the maximum.
+int argmax_row(const float* l, int C) {
+  int best = 0;
+  for (int k = 1; k < C; k++)
+    if (!std::isnan(l[best]) && (l[k] > l[best] || std::isnan(l[k]))) best = k;
+  return best;
+}
+
+// Mean cross-entropy and the count of right argmax predictions; the logits are replaced by
+// d(loss)/d(logits) = (softmax - onehot) / N.
+std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int64_t N, int C) {
+  double loss = 0;
+  int64_t right = 0;
+  const float invN = 1.f / (float)N;
+  for (int64_t r = 0; r < N; r++) {
+    float* l = L + r * C;
+    const int64_t t = y[r];
+    right += argmax_row(l, C) == t;
+    float m = l[0];
+    for (int k = 1; k < C; k++) m = std::max(m, l[k]);
+    float s = 0;
+    for (int k = 0; k < C; k++) s += std::exp(l[k] - m);
+    loss += (double)(m + std::log(s) - l[t]);
+    const float scale = invN / s;
+    for (int k = 0; k < C; k++) l[k] = std::exp(l[k] - m) * scale;
+    l[t] -= invN;
+  }
+  return {loss / (double)N, right};
+}
+
+void column_sums(const float* g, int64_t rows, int width, float* out) {
+  std::fill(out, out + width, 0.f);
+  for (int64_t r = 0; r < rows; r++)
+    for (int k = 0; k < width; k++) out[k] += g[r * width + k];
+}
+
+void times_sigmoid_grad(float* g, const float* h, int64_t n) {
+  for (int64_t i = 0; i < n; i++) g[i] *= h[i] * (1.f - h[i]);
+}
+
+// Gradient pointers in parameter order, carved from one flat buffer.
+struct Grads {
+  float *w1, *w3, *b3, *w4, *b4, *w5, *b5;  // (w1, b1, w2, b2 are the conv prefix)
+};
+
+Grads carve_grads(float* g, int C) {
+  Grads r;
+  r.w1 = g;
+  r.w3 = g + kConvGrads;
+  r.b3 = r.w3 + kH3 * kFeat;
+  r.w4 = r.b3 + kH3;
+  r.b4 = r.w4 + kH4 * kH3;
+  r.w5 = r.b4 + kH4;
+  r.b5 = r.w5 + C * kH4;
+  return r;
+}
+
+int64_t num_grads(int C) { return kConvGrads + kH3 * kFeat + kH3 + kH4 * kH3 + kH4 + C * kH4 + C; }
+
+// dL (n, C) back to dF (n, 400): dense gradients into g; G4, G3 are scratch.
+void dense_backward(int n, const Params& p, const Saved& sv, const Grads& g, float* G4, float* G3,
+                    float* dF) {
+  const int C = p.classes;
+  gemm(true, false, C, kH4, n, 1.f, sv.L, C, sv.H4, kH4, 0.f, g.w5, kH4);
+  column_sums(sv.L, n, C, g.b5);
+  gemm(false, false, n, kH4, C, 1.f, sv.L, C, p.w5, kH4, 0.f, G4, kH4);
+  times_sigmoid_grad(G4, sv.H4, (int64_t)n * kH4);
+  gemm(true, false, kH4, kH3, n, 1.f, G4, kH4, sv.H3, kH3, 0.f, g.w4, kH3);
+  column_sums(G4, n, kH4, g.b4);
+  gemm(false, false, n, kH3, kH4, 1.f, G4, kH4, p.w4, kH3, 0.f, G3, kH3);
+  times_sigmoid_grad(G3, sv.H3, (int64_t)n * kH3);
+  gemm(true, false, kH3, kFeat, n, 1.f, G3, kH3, sv.F, kFeat, 0.f, g.w3, kFeat);
+  column_sums(G3, n, kH3, g.b3);
+  gemm(false, false, n, kFeat, kH3, 1.f, G3, kH3, p.w3, kFeat, 0.f, dF, kFeat);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks and bindings
+
+const int64_t kShapes[10][4] = {{6, 1, 5, 5}, {6}, {16, 6, 5, 5}, {16}, {kH3, kFeat},
+                                {kH3},        {kH4, kH3}, {kH4}, {-1, kH4}, {-1}};
+
+Params check_params(const std::vector<torch::Tensor>& P) {
+  TORCH_CHECK(P.size() == 10, "fused LeNet: expected the book's 10 parameter tensors, got ",
+              P.size());
+  const int64_t C = P[9].dim() == 1 ? P[9].size(0) : -1;
+  TORCH_CHECK(C >= 1, "fused LeNet: the output bias must be 1-D");
+  for (int k = 0; k < 10; k++) {
+    const auto& t = P[k];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+                "fused LeNet: parameter ", k, " must be a contiguous float32 CPU tensor");
+    const int rank = (k == 0 || k == 2) ? 4 : (k % 2 == 0 ? 2 : 1);
+    TORCH_CHECK(t.dim() == rank, "fused LeNet: parameter ", k, " has the wrong shape ", t.sizes());
+    for (int d = 0; d < rank; d++) {
+      const int64_t want = kShapes[k][d] == -1 ? C : kShapes[k][d];
+      TORCH_CHECK(t.size(d) == want, "fused LeNet: parameter ", k, " has the wrong shape ",
+                  t.sizes());
+    }
+  }
+  auto f = [&](int k) { return P[k].data_ptr<float>(); };
+  return {f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), (int)C};
+}
+
+int64_t check_images(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "fused LeNet: images must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(x.dim() == 4 && x.size(0) >= 1 && x.size(1) == 1 && x.size(2) == kImg &&
+                  x.size(3) == kImg,
+              "fused LeNet: images must have shape (B>=1, 1, 28, 28), got ", x.sizes());
+  TORCH_CHECK(x.size(0) <= INT32_MAX / kImgPixels, "fused LeNet: batch too large");
+  return x.size(0);
+}
+
+void check_labels(const torch::Tensor& y, int64_t N, int C) {
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kLong && y.is_contiguous() &&
+                  y.dim() == 1 && y.size(0) == N,
+              "fused LeNet: labels must be a contiguous int64 CPU tensor of shape (", N, ")");
+  const int64_t* yd = y.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; r++)
+    TORCH_CHECK_INDEX(yd[r] >= 0 && yd[r] < C, "Target ", yd[r], " is out of bounds.");
+}
+
+// Grows `t` to at least n floats; the buffers live in the Python object between steps.
+float* ensure(torch::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "fused LeNet: bad buffer");
+  if (t.numel() < n) t.resize_({n});
+  return t.data_ptr<float>();
+}
+
+void sgd_update(const std::vector<torch::Tensor>& P, const float* g, float lr) {
+  for (const auto& t : P) {
+    float* p = t.data_ptr<float>();
+    const int64_t m = t.numel();
+    for (int64_t i = 0; i < m; i++) p[i] -= lr * g[i];
+    g += m;
+  }
+}
+
+}  // namespace
+
+// One SGD step on (x, y); returns (mean loss, number right) from the forward before the
+// update. `grads` and `ws` are caller-held buffers, grown here as needed. With lr == 0 the
+// parameters are left alone and `grads` holds the gradients (for tests).
+std::tuple<torch::Tensor, torch::Tensor> train_step(torch::Tensor x, torch::Tensor y,
+                                                    std::vector<torch::Tensor> P,
+                                                    torch::Tensor grads, torch::Tensor ws,
+                                                    double lr, int64_t block) {
+  TORCH_CHECK(block >= 1 && block <= 4096, "fused LeNet: block must be in 1..4096");
+  const Params p = check_params(P);
+  const int64_t N = check_images(x);
+  const int C = p.classes;
+  check_labels(y, N, C);
+
+  float* w = ensure(ws, N * (kA1 + kP1 + kA2 + kFeat * 2 + (kH3 + kH4) * 2 + C));
+  Saved sv;
+  sv.A1 = w, w += N * kA1;
+  sv.P1 = w, w += N * kP1;
+  sv.A2 = w, w += N * kA2;
+  sv.F = w, w += N * kFeat;
+  sv.H3 = w, w += N * kH3;
+  sv.H4 = w, w += N * kH4;
+  sv.L = w, w += N * C;
+  float* G3 = w; w += N * kH3;
+  float* G4 = w; w += N * kH4;
+  float* dF = w;
+  float* g = ensure(grads, num_grads(C));
+  const int n = (int)N;
+
+  conv_forward(x.data_ptr<float>(), N, p, sv.F, &sv, (int)block);
+  dense_forward(n, p, sv.F, sv.H3, sv.H4, sv.L);
+  const auto [loss, right] = softmax_cross_entropy(sv.L, y.data_ptr<int64_t>(), N, C);
+  dense_backward(n, p, sv, carve_grads(g, C), G4, G3, dF);
+  conv_backward(x.data_ptr<float>(), N, dF, sv, p.w2, (int)block, g);
+  if (lr != 0.0) sgd_update(P, g, (float)lr);
+  return {torch::scalar_tensor(loss, torch::kFloat), torch::scalar_tensor(right, torch::kLong)};
+}
+
+// Logits (B, C) of the network, nothing saved for a backward.
+torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, int64_t block) {
+  TORCH_CHECK(block >= 1 && block <= 4096, "fused LeNet: block must be in 1..4096");
+  const Params p = check_params(P);
+  const int64_t N = check_images(x);
+  auto opt = x.options();
+  auto F = torch::empty({N, kFeat}, opt), H3 = torch::empty({N, kH3}, opt),
+       H4 = torch::empty({N, kH4}, opt), L = torch::empty({N, p.classes}, opt);
+  conv_forward(x.data_ptr<float>(), N, p, F.data_ptr<float>(), nullptr, (int)block);
+  dense_forward((int)N, p, F.data_ptr<float>(), H3.data_ptr<float>(), H4.data_ptr<float>(),
+                L.data_ptr<float>());
+  return L;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("train_step", &train_step, "one fused SGD step of the book LeNet-5");
+  m.def("forward", &forward, "logits of the book LeNet-5");
+}
