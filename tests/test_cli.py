@@ -175,3 +175,18 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, is
     assert r.returncode == 0, r.stderr
     rows = list(csv.reader((run / "metrics.csv").open()))
     assert [row[0] for row in rows[1:]] == ["1", "2"]
+
+
+def test_divergence_stops_at_once_with_epoch_step_and_advice(tmp_path, capsys, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=256, n_test=64)
+    bad = tmp_path / "bad"
+    assert cli.main(["train", "--preset", "modern", "--lr", "100", "--data", str(data),
+                     "--out", str(bad), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not finite" in err and "lower learning rate than 100" in err
+    epoch = int(err.split("epoch ")[1].split(",")[0])
+    assert ", step " in err
+    if epoch == 1:
+        assert not (bad / "last.ckpt").exists()  # no checkpoint of a diverged state
+    else:  # the last good epoch stays the resume point
+        assert load(bad / "last.ckpt")["epoch"] == epoch - 1
