@@ -170,6 +170,7 @@ def test_real_run_predict_activations_export(tmp_path_factory, tmp_path, capsys)
     ds = sources.load("fashion-mnist")
     trouser = int(np.flatnonzero(ds.test.labels == 1)[0])
     Image.fromarray(255 - ds.test.images[trouser]).resize((280, 280)).save(tmp_path / "t.png")
+    capsys.readouterr()  # the shared run may have just been trained, printing its epochs
     assert cli.main(["predict", str(real), str(tmp_path / "t.png")]) == 0
     assert capsys.readouterr().out.startswith(f"{tmp_path / 't.png'}: Trouser ")
     assert cli.main(["activations", str(real), "--out", str(tmp_path / "a.png")]) == 0
