@@ -185,8 +185,11 @@ def _source_problem() -> str | None:
 def _build_name() -> str:
     """One build folder per source, flags and torch version: an edited source never meets a
     stale build, and processes building different versions never share a folder (torch
-    locks the folder while building, so processes building the same version wait in turn)."""
-    key = SOURCE.read_bytes() + repr(CFLAGS).encode() + torch.__version__.encode()
+    locks the folder while building, so processes building the same version wait in turn).
+    The source's path is part of the key: ninja rebuilds whenever the path in its build file
+    changes, so two checkouts sharing one folder would rebuild each other's build forever."""
+    key = (SOURCE.read_bytes() + repr(CFLAGS).encode() + torch.__version__.encode()
+           + str(SOURCE.resolve()).encode())
     return f"lenet_fused_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
