@@ -40,6 +40,15 @@ def test_no_temp_files_left_and_overwrite_is_atomic(tmp_path):
     assert checkpoint.load(tmp_path / "a.ckpt")["epoch"] == 2
 
 
+def test_written_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path):
     _save(tmp_path / "a.ckpt", epoch=1)
 

@@ -28,6 +28,7 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -47,6 +48,12 @@ def atomic_write(path: Path, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,

@@ -269,7 +269,7 @@ def _train(a, folders: list) -> int:
 
     progress = ConsoleProgress(log_path=folder.log, bar=False if a.no_progress else None)
     progress.say(f"lenet {__version__}, torch {torch.__version__}, device {device}"
-                 + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else
+                 + (f" ({_threads()})" if device.type == "cpu" else
                     f" ({torch.cuda.get_device_name(device)})"))
     progress.say(f"data {ds.name} from {ds.folder} ({ds.found_in}): "
                  f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images")
@@ -297,6 +297,13 @@ def _train(a, folders: list) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     progress.say(f"run folder: {folder.path}")
     return 0
+
+
+def _threads() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def _stop_gently_on_ctrl_c(trainer) -> None:
