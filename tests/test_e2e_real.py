@@ -2,6 +2,7 @@
 import csv
 import subprocess
 import sys
+
 import pytest
 
 from lenet.data import sources
