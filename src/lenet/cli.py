@@ -317,32 +317,25 @@ def _stop_gently_on_ctrl_c(trainer) -> None:
 
 
 def cmd_evaluate(a) -> int:
-    from lenet import checkpoint
+    from lenet.cli_more import print_report
     from lenet.data.batches import Batches
     from lenet.evaluate import evaluate
-    from lenet.models import build
-    from lenet.runs import RunFolder
+    from lenet.report import load_run
     from lenet.train import resolve_device
 
-    folder = RunFolder(a.run)
-    cfg = folder.read_config()
-    path = folder.best if a.checkpoint == "best" else folder.last
-    state = checkpoint.load(path)
-    model = build(state["config"].model)
-    checkpoint.restore_model(path, state, model)
+    run = load_run(a.run, a.checkpoint)
+    cfg = run.config
     device = resolve_device(a.device)
     ds = _load_data(_data_name(a.data) or cfg.data.name)
     if len(ds.classes) != cfg.model.num_classes:
         raise ConfigError(f"{ds.folder}: has {len(ds.classes)} classes; the model in "
-                          f"{path} predicts {cfg.model.num_classes}")
+                          f"{run.checkpoint} predicts {cfg.model.num_classes}")
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
                    resize=cfg.data.resize)
-    loss, acc = evaluate(model.to(device), test)
-    print(f"{path} (epoch {state['epoch']}) on {ds.name} test set, "
+    loss, acc = evaluate(run.model.to(device), test)
+    print(f"{run.checkpoint} (epoch {run.epoch}) on {ds.name} test set, "
           f"{test.num_examples:,} images: test loss {loss:.4f}, test acc {acc:.4f}")
-    from lenet.cli_more import print_report
-
-    print_report(model, ds, device, folder.path, resize=cfg.data.resize)
+    print_report(run.model, ds, device, run.folder, resize=cfg.data.resize)
     return 0
 
 
