@@ -124,57 +124,61 @@ def test_unwritable_output_folder_is_one_line(tmp_path, isolated_env):
 
 def test_two_trainings_in_one_folder_the_second_refuses(tmp_path, isolated_env):
     """A run folder is locked while its training lives: a second `lenet train --out` or
-    `--resume` on it exits at once with one line, and the first finishes untouched."""
+    `--resume` on it exits at once with one line, and the first goes on untouched (it runs
+    long enough for both tries, then is stopped with Ctrl-C)."""
+    import signal
     import time
 
     data = make_idx_folder(tmp_path / "data", n_train=2048, n_test=64)
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
-                              "--epochs", "3", "--out", str(run), "--no-progress"],
+                              "--epochs", "500", "--out", str(run), "--no-progress"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run / "config.json").exists() and time.time() < deadline:
+    while not (run / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.05)
-    for args in (["--data", data, "--out", run], ["--resume", run]):
-        second = run_cli("train", *args, "--epochs", "1")
+    for args, why in ((["--data", data, "--out", run], "already holds a run"),
+                      (["--resume", run, "--epochs", "501"], "in use by another lenet train")):
+        second = run_cli("train", *args)
         assert second.returncode == 1, second.stderr
-        assert second.stderr.count("\n") == 1
-        assert "in use by another lenet train (pid" in second.stderr or \
-            "already holds a run" in second.stderr
+        assert second.stderr.count("\n") == 1 and why in second.stderr, second.stderr
+    assert first.poll() is None  # still training: the refusals above were the lock's
+    first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    assert first.returncode == 130, err
     rows = (run / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, len(rows)))
 
 
 def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, isolated_env):
     """SIGINT during training: the step finishes, last.ckpt is written mid-epoch, the exact
-    resume command is printed, exit status 130; the resumed run completes the epochs."""
+    resume command is printed, exit status 130; the resumed run finishes that epoch."""
     import signal
     import time
 
     data = make_idx_folder(tmp_path / "data", n_train=4096, n_test=64)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
-                             "--epochs", "2", "--batch-size", "16", "--out", str(run),
+                             "--epochs", "500", "--batch-size", "16", "--out", str(run),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     log, deadline = run / "log.txt", time.time() + 120
     while not (log.exists() and "step:" in log.read_text()):  # training is about to start
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
-    time.sleep(1.0)  # well inside epoch 1 (256 steps)
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"resume with: lenet train --resume {run}" in out
     state = load(run / "last.ckpt")
     assert state["partial"] is not None and state["partial"]["step"] >= 1
-    assert not (run / "metrics.csv").exists() or state["epoch"] >= 1
-    r = run_cli("train", "--resume", run)
+    done = state["epoch"]
+    r = run_cli("train", "--resume", run, "--epochs", done + 1)  # finish the cut epoch
     assert r.returncode == 0, r.stderr
     rows = list(csv.reader((run / "metrics.csv").open()))
-    assert [row[0] for row in rows[1:]] == ["1", "2"]
+    assert [int(row[0]) for row in rows[1:]] == list(range(1, done + 2))
+    assert load(run / "last.ckpt")["partial"] is None
 
 
 def test_divergence_stops_at_once_with_epoch_step_and_advice(tmp_path, capsys, isolated_env):
