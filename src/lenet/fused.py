@@ -52,7 +52,9 @@ from lenet.errors import ConfigError, LenetError
 SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_lenet.cpp"
 # Not -march=native: a cached build must stay valid when the cache moves between CPUs of the
 # same family; AVX2+FMA is what the kernels use.
-CFLAGS = ("-O3", "-mavx2", "-mfma")
+# -fopenmp: at::parallel_for is a header template; without it the pragma compiles away and
+# the chunks run one after another while MKL's own threads spin (2 threads were slower than 1).
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 # Images per chunk: 16 keeps a chunk's im2col (150 x 1,600 floats, ~1 MB) near L2 and gives
 # batch 128 eight chunks, which two threads split evenly; 8, 16 and 32 measured alike.
 BLOCK = 16
@@ -144,7 +146,8 @@ def _build_and_load() -> _Loaded:
             warnings.simplefilter("ignore")
             cpp_extension.verify_ninja_availability()
             ext = cpp_extension.load(name=_build_name(), sources=[str(SOURCE)],
-                                     extra_cflags=list(CFLAGS), verbose=False)
+                                     extra_cflags=list(CFLAGS),
+                                     extra_ldflags=["-fopenmp"], verbose=False)
         return _Loaded(ext, None)
     except Exception as e:  # a missing compiler or ninja, a build or link error: all mean "no"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
