@@ -57,7 +57,7 @@ def _umask() -> int:
 
 
 def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, generator: torch.Generator,
+         optimizer: torch.optim.Optimizer | None, generator: torch.Generator,
          history: list[dict], partial: dict | None = None) -> None:
     state = {
         "format": FORMAT,
@@ -65,7 +65,8 @@ def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,
         "config": config.to_json(),
         "epoch": epoch,  # epochs completed
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        # None (the fused kernel's plain SGD keeps no state) is stored as {}
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
         "history": history,
         "partial": partial,  # an interrupted epoch's progress (see Trainer.partial), or None

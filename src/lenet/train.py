@@ -120,11 +120,14 @@ class Trainer:
 
     def fit(self, model: torch.nn.Module, train: Batches, test: Batches) -> list[EpochMetrics]:
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer(model, self.spec)
         if self.engine == "fused":
             from lenet.fused import FusedStep
 
+            # The kernel does the (stateless, plain-SGD) update itself; building a
+            # torch.optim optimizer anyway would cost ~2 s of torch._dynamo import.
             self.fused = FusedStep(model, self.spec.lr)
+        else:
+            self.optimizer = make_optimizer(model, self.spec)
         train.generator = self.generator
         if self._resume_state is not None:
             self._apply_resume(self._resume_state)
@@ -191,7 +194,8 @@ class Trainer:
 
     def _apply_resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None and state["optimizer"]:  # {} from the fused path
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         self.epoch = int(state["epoch"])
