@@ -178,10 +178,10 @@ def _info(line: str) -> None:
     print(line, flush=True)
 
 
-def _load_data(name: str):
+def _load_data(name: str, download: bool = True):
     from lenet.data import sources
 
-    return sources.load(name, report=_info)
+    return sources.load(name, download=download, report=_info)
 
 
 def _data_name(value: str | None) -> str | None:
@@ -252,8 +252,7 @@ def _train(a, folders: list) -> int:
         cfg = build_config(a)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
         folders.append(folder)
-        if folder.config.exists():
-            folder.create(cfg)  # raises: the folder already holds a run
+        folder.check_new()  # before loading data: a taken folder fails at once
 
     device = resolve_device(cfg.train.device)
     ds = _load_data(cfg.data.name)

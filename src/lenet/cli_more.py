@@ -89,16 +89,11 @@ def cmd_predict(a) -> int:
     return 1 if len(good) < len(results) else 0
 
 
-def _load_data(name: str, download: bool = True):
-    from lenet.data import sources
-
-    return sources.load(name, download=download, report=lambda line: print(line, flush=True))
-
-
 def cmd_activations(a) -> int:
     import numpy as np
 
     from lenet import inspect, plots
+    from lenet.cli import _load_data
     from lenet.errors import ConfigError
     from lenet.predict import probabilities, to_input
     from lenet.report import class_names, load_run
@@ -159,6 +154,7 @@ def cmd_activations(a) -> int:
 def cmd_export(a) -> int:
     import numpy as np
 
+    from lenet.cli import _load_data
     from lenet.errors import DataError
     from lenet.export import OPSET, ExportError, check_onnx, export_onnx
     from lenet.report import class_names, load_run

@@ -17,8 +17,6 @@ from lenet.config import RunConfig
 from lenet.errors import RunFolderError
 from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
 
-_held_locks: dict[Path, int] = {}
-
 
 class RunFolder:
     def __init__(self, path: str | Path):
@@ -30,6 +28,7 @@ class RunFolder:
         self.last = self.path / "last.ckpt"
         self.best = self.path / "best.ckpt"
         self.log = self.path / "log.txt"
+        self._lock_fd: int | None = None  # held open while this process trains here
 
     @staticmethod
     def new(root: str | Path, preset: str) -> RunFolder:
@@ -44,13 +43,11 @@ class RunFolder:
     def create(self, cfg: RunConfig) -> None:
         """Make the folder, take its lock and write config.json; fail early, naming the
         folder, when it already holds a run or cannot be written."""
-        if self.config.exists():
-            raise self._taken()
+        self.check_new()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock()
-            if self.config.exists():  # another process created it while we waited
-                raise self._taken()
+            self.check_new()  # another process may have created it meanwhile
             self.write_text(self.config, cfg.to_json())
         except OSError as e:
             raise RunFolderError(f"{self.path}: cannot write the run folder "
@@ -71,16 +68,18 @@ class RunFolder:
                                  f"wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
-        _held_locks[self.path] = fd  # closing the fd would release the lock
+        self._lock_fd = fd  # closing it releases the lock
 
     def unlock(self) -> None:
-        fd = _held_locks.pop(self.path, None)
-        if fd is not None:
-            os.close(fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
-    def _taken(self) -> RunFolderError:
-        return RunFolderError(f"{self.path}: already holds a run; continue it with "
-                              f"'lenet train --resume {self.path}' or choose another --out")
+    def check_new(self) -> None:
+        """Refuse a folder that already holds a run."""
+        if self.config.exists():
+            raise RunFolderError(f"{self.path}: already holds a run; continue it with "
+                                 f"'lenet train --resume {self.path}' or choose another --out")
 
     def read_config(self) -> RunConfig:
         if not self.path.is_dir():
