@@ -16,11 +16,13 @@ from pathlib import Path
 from lenet import __version__
 from lenet.config import (
     ACTIVATIONS,
+    AUGMENTS,
     DEVICES,
     INITS,
     OPTIMIZERS,
     POOLINGS,
     PRESETS,
+    SCHEDULES,
     ConvSpec,
     RunConfig,
     merge_config,
@@ -55,7 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
     t.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (sgd, momentum > 0)")
     t.add_argument("--weight-decay", type=float, help="default 0")
+    t.add_argument("--schedule", choices=SCHEDULES, help="lr schedule, per step: constant "
+                   "(the book's), cosine or linear decay to 0")
+    t.add_argument("--warmup", type=float, help="fraction of steps to ramp the lr up from 0")
+    t.add_argument("--label-smoothing", type=float, help="cross-entropy smoothing (default 0)")
+    t.add_argument("--augment", choices=AUGMENTS, help="random flips (and shifts) of the "
+                   "training images (default none)")
     t.add_argument("--seed", type=int, help="seed for init and shuffling (default 0)")
     t.add_argument("--device", choices=DEVICES, help="default auto: cuda if available")
     t.add_argument("--data", help="fashion-mnist (default), mnist, or a folder of IDX files")
@@ -141,8 +151,10 @@ def build_config(a) -> RunConfig:
     cfg = override(cfg, "data", name=_data_name(getattr(a, "data", None)), resize=a.resize)
     if hasattr(a, "epochs"):
         cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       optimizer=a.optimizer, momentum=a.momentum,
-                       weight_decay=a.weight_decay, seed=a.seed, device=a.device)
+                       optimizer=a.optimizer, momentum=a.momentum, nesterov=a.nesterov,
+                       weight_decay=a.weight_decay, schedule=a.schedule, warmup=a.warmup,
+                       label_smoothing=a.label_smoothing, augment=a.augment, seed=a.seed,
+                       device=a.device)
     if cfg.data.resize is not None:
         cfg = override(cfg, "model", image_size=cfg.data.resize)
     return cfg
@@ -282,7 +294,7 @@ def _train(a, folders: list) -> int:
     if state is not None:
         trainer.restore(state)
     train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
-                    resize=cfg.data.resize)
+                    resize=cfg.data.resize, augment=cfg.train.augment)
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
                    resize=cfg.data.resize)
     _stop_gently_on_ctrl_c(trainer)

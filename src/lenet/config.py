@@ -20,6 +20,8 @@ POOLINGS = ("avg", "max")
 INITS = ("xavier-uniform", "kaiming", "default")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "cosine", "linear")
+AUGMENTS = ("none", "flip", "flip+shift")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,13 @@ class TrainSpec:
     lr: float = 0.9  # classic edition's train_ch6; the current edition uses 0.1 (preset book-1.0)
     optimizer: str = "sgd"  # plain minibatch SGD, as in the book; or adam, adamw
     momentum: float = 0.0  # SGD momentum; the book uses none
+    nesterov: bool = False  # Nesterov's momentum (sgd with momentum > 0)
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    schedule: str = "constant"  # the book's; cosine or linear decay to 0, set every step
+    warmup: float = 0.0  # fraction of all steps spent ramping the lr up from 0 (then: schedule)
+    label_smoothing: float = 0.0  # cross-entropy target smoothing; the book uses none
+    augment: str = "none"  # training images as they are; flip: random left-right mirror;
+    #                        flip+shift: and random shifts of up to 2 px
     seed: int = 0  # init, shuffling: same seed on the CPU, same metrics.csv
     device: str = "auto"  # cuda when available, else cpu
     eval_batch_size: int = 2_000  # large batches without autograd; 10,000 at once costs ~0.4 GB
@@ -95,6 +103,14 @@ class TrainSpec:
             raise ConfigError(f"train.momentum: expected 0 <= m < 1, got {self.momentum}")
         if self.momentum and self.optimizer != "sgd":
             raise ConfigError(f"train.momentum: only for sgd ({self.optimizer} has its own)")
+        if self.nesterov and not (self.optimizer == "sgd" and self.momentum > 0):
+            raise ConfigError("train.nesterov: needs optimizer sgd with momentum > 0")
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.augment", self.augment, AUGMENTS)
+        for name in ("warmup", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected 0 <= x < 1, "
+                                  f"got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
         _choice("train.device", self.device, DEVICES)
@@ -217,6 +233,14 @@ PRESETS: dict[str, RunConfig] = {
     "modern": RunConfig(preset="modern",
                         model=ModelSpec(activation="relu", pooling="max"),
                         train=TrainSpec(lr=0.1)),
+    # Beyond the book, LeNet-sized (62k parameters) and quick: BatchNorm, ReLU, max-pooling,
+    # Nesterov SGD with warm-up and cosine decay, label smoothing; ~0.91 in 5 epochs.
+    "fast": RunConfig(preset="fast",
+                      model=ModelSpec(activation="relu", pooling="max", batch_norm=True,
+                                      init="kaiming"),
+                      train=TrainSpec(epochs=5, lr=0.1, momentum=0.9, nesterov=True,
+                                      weight_decay=5e-4, schedule="cosine", warmup=0.25,
+                                      label_smoothing=0.1)),
 }
 
 

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -84,7 +85,23 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optim
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                           weight_decay=wd)
+
+
+def lr_at(spec: TrainSpec, step: int, total: int) -> float:
+    """The learning rate for global step `step` (0-based) of `total`: a linear warm-up over
+    the first `warmup` fraction, then constant, cosine or linear decay to 0. A pure function
+    of the step, so a resumed run needs no scheduler state."""
+    warm = round(spec.warmup * total)
+    if step < warm:
+        return spec.lr * (step + 1) / warm
+    if spec.schedule == "constant":
+        return spec.lr
+    done = (step - warm) / max(1, total - warm)
+    if spec.schedule == "cosine":
+        return spec.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return spec.lr * (1 - done)
 
 
 class Trainer:
@@ -154,12 +171,18 @@ class Trainer:
         if resume is not None:
             loss_sum += resume["loss_sum"].to(self.device)
             correct += resume["correct"].to(self.device)
+        scheduled = self.spec.schedule != "constant" or self.spec.warmup > 0
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
             if self.fused is not None:  # forward, loss, backward and update in one call
                 loss, right = self.fused.step(x, y)
             else:
+                if scheduled:
+                    lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
+                               self.spec.epochs * len(train))
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.spec.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

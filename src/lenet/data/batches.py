@@ -22,7 +22,8 @@ class Batches:
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                  batch_size: int, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None, resize: int | None = None):
+                 generator: torch.Generator | None = None, resize: int | None = None,
+                 augment: str = "none"):
         if isinstance(images, np.ndarray) and not images.flags.writeable:
             images = images.copy()  # torch refuses read-only numpy memory (e.g. frombuffer)
         images = torch.as_tensor(images)
@@ -33,6 +34,7 @@ class Batches:
         self.batch_size = batch_size
         self.generator = generator
         self.resize = None if resize == self.images.shape[-1] else resize
+        self.augment = augment  # applied to shuffled passes only (training), see `epoch`
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -48,16 +50,20 @@ class Batches:
         """One pass; `skip` leaves out the first batches of the pass (the permutation is
         drawn all the same), which is how an interrupted epoch is resumed exactly."""
         n, bs = self.num_examples, self.batch_size
-        order = None
+        order = draws = None
         if self.generator is not None:
             order = torch.randperm(n, generator=self.generator, device=self.generator.device)
             order = order.to(self.images.device)
+            if self.augment != "none":  # the whole pass's draws, so `skip` replays exactly
+                draws = augment_draws(n, self.generator).to(self.images.device)
         for start in range(skip * bs, n, bs):  # the last, partial batch is kept
             if order is None:
                 x, y = self.images[start:start + bs], self.labels[start:start + bs]
             else:
                 idx = order[start:start + bs]
                 x, y = self.images[idx], self.labels[idx]
+                if draws is not None:
+                    x = augment(x, self.augment, draws[:, start:start + bs])
             yield self.prepare(x), y
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,3 +78,28 @@ class Batches:
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [0, 1], exactly as torchvision's ToTensor computes it."""
     return x.to(torch.float32).div_(255)
+
+
+SHIFT = 2  # pixels, at most, each way
+
+
+def augment_draws(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(3, n) int64: per image a flip bit and a row and column shift in -SHIFT..SHIFT."""
+    dev = generator.device
+    flip = torch.randint(0, 2, (1, n), generator=generator, device=dev)
+    shift = torch.randint(-SHIFT, SHIFT + 1, (2, n), generator=generator, device=dev)
+    return torch.cat([flip, shift])
+
+
+def augment(x: torch.Tensor, kind: str, draws: torch.Tensor) -> torch.Tensor:
+    """Random left-right flips ("flip"), and shifts with zero fill ("flip+shift"), of a
+    uint8 batch (N, C, H, W), as `draws` (from augment_draws) say, image by image."""
+    x = torch.where(draws[0].bool()[:, None, None, None], x.flip(-1), x)
+    if kind == "flip+shift":
+        n, c, h, w = x.shape
+        padded = F.pad(x, (SHIFT,) * 4)
+        rows = (torch.arange(h, device=x.device) + SHIFT - draws[1][:, None])  # (N, H)
+        cols = (torch.arange(w, device=x.device) + SHIFT - draws[2][:, None])  # (N, W)
+        padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * SHIFT))
+        x = padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    return x
