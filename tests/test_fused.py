@@ -285,3 +285,18 @@ def test_one_epoch_of_fashion_mnist_matches_autograd(kernel, threads):
     assert loss_f == pytest.approx(loss_a, abs=1e-3)
     assert acc_f == pytest.approx(acc_a, abs=1e-3)
     assert acc_a > 0.5  # it learned: chance is 0.1
+
+
+def test_evaluate_uses_the_kernels_forward_for_the_book_net_only(kernel):
+    from lenet.report import classify
+
+    model = book()
+    forward = fused.inference_forward(model, "cpu")
+    assert forward is not None
+    assert fused.inference_forward(book(activation="relu"), "cpu") is None
+    assert fused.inference_forward(model, torch.device("cuda")) is None
+    x, y = batch(300)
+    test = Batches((x * 255).round().to(torch.uint8)[:, 0], y, 128)
+    fast, slow = classify(model, test, forward=forward), classify(model, test)
+    assert (fast.pred == slow.pred).all()
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-5)

@@ -117,6 +117,10 @@ def test_classify_keeps_the_split_order_across_batches():
     assert p.pred.tolist() == images[:, 0, 0].tolist()
     assert p.labels.tolist() == labels.tolist() and p.prob.dtype == np.float32
     assert p.accuracy == pytest.approx(0.5) and (p.prob > 0.99).all()
+    # logits 10 for the predicted class, 0 elsewhere: right ones cost log(1 + 4e^-10),
+    # wrong ones 10 more
+    right = np.log1p(4 * np.exp(-10.0))
+    assert p.loss == pytest.approx(right + 0.5 * 10, rel=1e-5)
     cm = report.confusion_matrix(p.labels, p.pred, 5)
     assert np.trace(cm) == 25 and cm.sum() == 50
 
@@ -160,7 +164,8 @@ def test_print_report_prints_tables_and_writes_both_figures(tiny_run, tmp_path, 
                                                            isolated_env):
     run = report.load_run(tiny_run)
     ds = sources.load(run.config.data.name)
-    paths = print_report(run.model, ds, "cpu", tmp_path)
+    p = report.classify(run.model, Batches(ds.test.images, ds.test.labels, 64))
+    paths = print_report(p, ds, tmp_path)
     out = capsys.readouterr().out
     assert paths == (tmp_path / "confusion.png", tmp_path / "misclassified.png")
     for name in FASHION:
@@ -176,7 +181,8 @@ def test_report_on_the_real_data(tmp_path_factory, tmp_path, capsys):
     run = report.load_run(trained_real_run(tmp_path_factory))
     ds = sources.load("fashion-mnist")
     capsys.readouterr()
-    print_report(run.model, ds, "cpu", tmp_path)
+    print_report(report.classify(run.model, Batches(ds.test.images, ds.test.labels, 2000)),
+                 ds, tmp_path)
     out = capsys.readouterr().out
     overall = float(next(line for line in out.splitlines() if line.startswith("all")).split()[-1])
     assert overall > 0.45  # one epoch of the book recipe: 0.58; chance is 0.1

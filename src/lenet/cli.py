@@ -328,10 +328,10 @@ def _stop_gently_on_ctrl_c(trainer) -> None:
 
 
 def cmd_evaluate(a) -> int:
+    from lenet import fused
     from lenet.cli_more import print_report
     from lenet.data.batches import Batches
-    from lenet.evaluate import evaluate
-    from lenet.report import load_run
+    from lenet.report import classify, load_run
     from lenet.train import resolve_device
 
     run = load_run(a.run, a.checkpoint)
@@ -343,10 +343,11 @@ def cmd_evaluate(a) -> int:
                           f"{run.checkpoint} predicts {cfg.model.num_classes}")
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
                    resize=cfg.data.resize)
-    loss, acc = evaluate(run.model.to(device), test)
+    model = run.model.to(device)
+    p = classify(model, test, forward=fused.inference_forward(model, device))
     print(f"{run.checkpoint} (epoch {run.epoch}) on {ds.name} test set, "
-          f"{test.num_examples:,} images: test loss {loss:.4f}, test acc {acc:.4f}")
-    print_report(run.model, ds, device, run.folder, resize=cfg.data.resize)
+          f"{test.num_examples:,} images: test loss {p.loss:.4f}, test acc {p.accuracy:.4f}")
+    print_report(p, ds, run.folder)
     return 0
 
 

@@ -196,17 +196,15 @@ def cmd_export(a) -> int:
     return 0
 
 
-def print_report(model, ds, device, out_dir, resize=None) -> tuple[Path, Path]:
+def print_report(p, ds, out_dir) -> tuple[Path, Path]:
     """For `lenet evaluate`: per-class accuracy, the five most confused pairs, and
-    OUT_DIR/confusion.png and OUT_DIR/misclassified.png (whose paths it returns)."""
+    OUT_DIR/confusion.png and OUT_DIR/misclassified.png (whose paths it returns), from the
+    test set's predictions `p` (report.classify)."""
     import numpy as np
 
     from lenet import plots, report
-    from lenet.data.batches import Batches
 
     out_dir = Path(out_dir)
-    test = Batches(ds.test.images, ds.test.labels, 2000, device, resize=resize)
-    p = report.classify(model.to(device), test)
     cm = report.confusion_matrix(p.labels, p.pred, len(ds.classes))
     accuracy = report.per_class_accuracy(cm)
     width = max(len("class"), *(len(c) for c in ds.classes))

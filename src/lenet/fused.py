@@ -269,6 +269,15 @@ class FusedStep:
         return [g.view_as(p).clone() for g, p in zip(flat, params, strict=True)]
 
 
+def inference_forward(model: torch.nn.Module, device: torch.device | str):
+    """The fused kernel's forward for a book LeNet-5 on the CPU (5x faster than autograd's
+    for evaluation), or None to use model(x)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
+    if kind != "cpu" or layout_problem(model) is not None or load() is None:
+        return None
+    return FusedStep(model, 0.0).forward
+
+
 _LAYOUT = (torch.nn.Conv2d, torch.nn.Sigmoid, torch.nn.AvgPool2d, torch.nn.Conv2d,
            torch.nn.Sigmoid, torch.nn.AvgPool2d, torch.nn.Flatten, torch.nn.Linear,
            torch.nn.Sigmoid, torch.nn.Linear, torch.nn.Sigmoid, torch.nn.Linear)

@@ -69,21 +69,27 @@ class Predictions:
     labels: np.ndarray  # int64 (N,), the true classes
     pred: np.ndarray  # int64 (N,), the predicted classes
     prob: np.ndarray  # float32 (N,), the probability given to the predicted class
+    loss: float = float("nan")  # mean cross-entropy over the N examples
 
     @property
     def accuracy(self) -> float:
         return float((self.labels == self.pred).mean()) if len(self.labels) else float("nan")
 
 
-def classify(model: torch.nn.Module, batches: Batches) -> Predictions:
-    """Predicted class and its probability for every example, in the batches' order (give
-    Batches without a generator to keep the split's order)."""
+def classify(model: torch.nn.Module, batches: Batches, forward=None) -> Predictions:
+    """Predicted class, its probability and the mean loss for every example, in the
+    batches' order (give Batches without a generator to keep the split's order); one pass.
+    `forward` may replace model(x), e.g. the fused kernel's equivalent."""
+    forward = forward or model
     was_training = model.training
     model.eval()
     preds, probs = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batches.labels.device)
     with torch.inference_mode():
-        for x, _ in batches:
-            p, k = torch.softmax(model(x).float(), dim=1).max(dim=1)
+        for x, y in batches:
+            logits = forward(x).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            p, k = torch.softmax(logits, dim=1).max(dim=1)
             preds.append(k)
             probs.append(p)
     model.train(was_training)
@@ -91,7 +97,8 @@ def classify(model: torch.nn.Module, batches: Batches) -> Predictions:
     if not preds:
         return Predictions(labels, np.zeros(0, np.int64), np.zeros(0, np.float32))
     return Predictions(labels, torch.cat(preds).cpu().numpy().astype(np.int64),  # one sync
-                       torch.cat(probs).cpu().numpy().astype(np.float32))
+                       torch.cat(probs).cpu().numpy().astype(np.float32),
+                       loss_sum.item() / len(labels))
 
 
 def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
