@@ -144,6 +144,10 @@ class Trainer:
             # torch.optim optimizer anyway would cost ~2 s of torch._dynamo import.
             self.fused = FusedStep(model, self.spec.lr)
         else:
+            if self.device.type == "cpu":
+                # oneDNN's channels-last convolutions: 1.2-1.7x faster steps on the CPU for
+                # every variant measured (sigmoid/avg, ReLU/max, BatchNorm; 1 to 64 channels).
+                model.to(memory_format=torch.channels_last)
             self.optimizer = make_optimizer(model, self.spec)
         train.generator = self.generator
         if self._resume_state is not None:
