@@ -50,10 +50,12 @@ def test_fused_kernel_declines_what_it_does_not_compute():
         assert why in fused.supports(cfg.model, cfg.train, "cpu")
 
 
-def test_fast_preset_is_lenet_sized():
-    cfg = PRESETS["fast"]
-    assert num_params(init_model(cfg.model, 0)) <= 100_000
-    assert cfg.train.epochs == 5 and cfg.train.batch_size == 128
+def test_fast_and_best_presets_are_lenet_sized():
+    fast, best = PRESETS["fast"], PRESETS["best"]
+    assert num_params(init_model(fast.model, 0)) == 62_158
+    assert num_params(init_model(best.model, 0)) == 61_226
+    assert fast.train.epochs == 5 and best.train.epochs == 10
+    assert best.train.augment == "flip" and fast.train.augment == "none"
 
 
 def _tagged(n=300):

@@ -1,0 +1,56 @@
+"""Accuracy as mean ± std over seeds: `lenet train --preset P --seed S` for each seed, each
+its own process, one after another, with its whole-process wall time.
+
+    python benchmarks/seeds.py [--preset fast] [--seeds 0,1,2,3,4] [--data DIR] [--keep DIR]
+
+Prints a row per seed and the mean ± std (sample std) of the final test accuracy and of
+the wall seconds. Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--keep", help="keep the run folders under this folder")
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(a.keep or tmp)
+        accs, walls = [], []
+        print(f"preset {a.preset}, seeds {a.seeds}")
+        print(f"{'seed':>4} {'test acc':>8} {'best':>6} {'wall s':>7} {'examples/s':>10}")
+        for seed in seeds:
+            out = root / f"{a.preset}-seed{seed}"
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", a.preset,
+                                "--seed", str(seed), "--data", a.data, "--out", str(out),
+                                "--no-progress"], capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                sys.exit(f"seed {seed} failed: {r.stderr.strip()[-500:]}")
+            rows = list(csv.DictReader((out / "metrics.csv").open()))
+            acc = float(rows[-1]["test_acc"])
+            best = max(float(x["test_acc"]) for x in rows)
+            rate = len(rows) / sum(1 / float(x["examples_per_s"]) for x in rows)
+            accs.append(acc)
+            walls.append(wall)
+            print(f"{seed:>4} {acc:>8.4f} {best:>6.4f} {wall:>7.1f} {rate:>10,.0f}", flush=True)
+    sd = statistics.stdev if len(seeds) > 1 else (lambda _: 0.0)
+    print(f"mean {statistics.mean(accs):.4f} ± {sd(accs):.4f} test acc; "
+          f"wall {statistics.mean(walls):.1f} ± {sd(walls):.1f} s")
+
+
+if __name__ == "__main__":
+    main()
