@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     from lenet import cli_more
 
     cli_more.add_parsers(verbs)
+    from lenet import cli_sweep
+
+    cli_sweep.add_parser(verbs)
     return p
 
 
@@ -151,10 +154,11 @@ def build_config(a) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from lenet import cli_more
+        from lenet import cli_more, cli_sweep
 
         return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS}[args.verb](args)
+                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS,
+                **cli_sweep.HANDLERS}[args.verb](args)
     except KeyboardInterrupt:
         print("lenet: interrupted", file=sys.stderr)
         return 130

@@ -202,3 +202,28 @@ def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int
                  f"({count} shown)", fontsize=9)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+def sweep_figures(study, folder: Path) -> dict[str, str]:
+    """Optuna's optimization history and parameter importances as PNGs in `folder`.
+    Returns {file name: why it was not drawn} for a figure the study cannot give yet."""
+    import warnings
+
+    from optuna.visualization import matplotlib as ov
+
+    _pyplot()
+    skipped = {}
+    for name, draw in (("history.png", ov.plot_optimization_history),
+                       ("importances.png", ov.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw(study)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
+            skipped[name] = " ".join(str(e).split())
+            continue
+        fig = ax.figure
+        fig.set_size_inches(7, 4.5)
+        fig.tight_layout()
+        _save_png(fig, folder / name)
+    return skipped
