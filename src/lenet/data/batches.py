@@ -33,6 +33,10 @@ class Batches:
         self.batch_size = batch_size
         self.generator = generator
         self.resize = None if resize == self.images.shape[-1] else resize
+        # (rank, world) under data-parallel training: this process takes its share of every
+        # batch (torch.tensor_split: shares differ by at most one example); len() and
+        # num_examples stay those of the whole split.
+        self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -55,10 +59,20 @@ class Batches:
         for start in range(skip * bs, n, bs):  # the last, partial batch is kept
             if order is None:
                 x, y = self.images[start:start + bs], self.labels[start:start + bs]
+                if self.shard is not None:
+                    rank, world = self.shard
+                    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
             else:
                 idx = order[start:start + bs]
+                if self.shard is not None:
+                    idx = idx.tensor_split(self.shard[1])[self.shard[0]]
                 x, y = self.images[idx], self.labels[idx]
             yield self.prepare(x), y
+
+    def batch_len(self, step: int) -> int:
+        """Examples in the whole (all ranks') batch number `step` (1-based): the last one
+        of a pass holds the remainder."""
+        return min(self.batch_size, self.num_examples - (step - 1) * self.batch_size)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> the network's float input (resized when asked)."""
