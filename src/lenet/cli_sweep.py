@@ -147,7 +147,8 @@ def _work(job: dict, say, worker: int = 0) -> None:
     def on_trial(study, t):
         say(_trial_line(t))
 
-    sweep.work(study, job["n_trials"], objective, on_trial)
+    sweep.work(study, job["n_trials"], objective, by_pid=job["storage"].kind == "journal",
+               on_trial=on_trial, say=say)
 
 
 def _objective(trial, space, ds, job: dict, device) -> float:
@@ -217,9 +218,12 @@ def _trial_line(t) -> str:
     from lenet import sweep
 
     row = sweep.trial_rows_of([t])[0]
-    value = f"test acc {row['value']:.4f}" if row["value"] is not None else ""
-    note = f" ({row['note']})" if row["note"] else ""
-    return f"trial {t.number}: {row['state']} {value}{note}  {_params(t.params)}"
+    words = [f"trial {t.number}: {row['state']}"]
+    if row["value"] is not None:
+        words.append(f"test acc {row['value']:.4f}")
+    if row["note"]:
+        words.append(f"({row['note']})")
+    return " ".join(words) + f"  {_params(t.params)}"
 
 
 def _report(study, out: Path, n_trials: int) -> int:

@@ -212,6 +212,8 @@ def sweep_figures(study, folder: Path) -> dict[str, str]:
     from optuna.visualization import matplotlib as ov
 
     _pyplot()
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return {name: "no complete trial yet" for name in ("history.png", "importances.png")}
     skipped = {}
     for name, draw in (("history.png", ov.plot_optimization_history),
                        ("importances.png", ov.plot_param_importances)):

@@ -396,11 +396,11 @@ def counts(study) -> Counts:
     return Counts(done, running, waiting)
 
 
-def reap_dead_workers(study) -> list[int]:
-    """Fail and requeue the running trials whose worker is gone. RDB storages do it by
-    heartbeat; for every storage, a trial started on this host by a process that no longer
-    exists is dead too (that covers journal files, which have no heartbeat). Returns the
-    numbers of the trials requeued."""
+def reap_dead_workers(study, by_pid: bool) -> list[int]:
+    """Fail and requeue the running trials whose worker is gone: by heartbeat (RDB
+    storages), and with `by_pid` (journal files, which have no heartbeat in Optuna, and
+    serve the workers of one machine) a trial started on this host by a process that no
+    longer exists. Returns the numbers of the trials failed."""
     import optuna
     from optuna.trial import TrialState
 
@@ -408,7 +408,7 @@ def reap_dead_workers(study) -> list[int]:
     optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
     retry = Retry(max_retry=MAX_RETRY)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if by_pid else ():
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or not isinstance(pid, int) or _alive(pid):
             continue
@@ -459,21 +459,29 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def work(study, n_trials: int, objective, on_trial=None, poll: float = 1.0) -> None:
+def work(study, n_trials: int, objective, *, by_pid: bool, on_trial=None, say=None,
+         poll: float = 1.0) -> None:
     """Run trials until the study holds `n_trials` finished ones. Before each trial, dead
     workers' trials are requeued; when the rest are running elsewhere, wait for them (one
     of them may die and need a retry) rather than overshoot the total."""
-    callbacks = [on_trial] if on_trial else []
     from lenet.errors import LenetError
 
+    callbacks = [on_trial] if on_trial else []
+    waiting_said = False
     while True:
-        reap_dead_workers(study)
+        for number in reap_dead_workers(study, by_pid):
+            if say:
+                say(f"trial {number}: its worker is gone; queued again")
         c = counts(study)
         if c.done >= n_trials:
             return
         if c.done + c.running >= n_trials and c.waiting == 0:
+            if say and not waiting_said:
+                say(f"waiting for {c.running} running trial(s) to finish or go stale")
+                waiting_said = True
             time.sleep(poll)
             continue
+        waiting_said = False
         study.optimize(objective, n_trials=1, catch=(LenetError,), callbacks=callbacks,
                        gc_after_trial=False)
 
