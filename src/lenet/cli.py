@@ -293,9 +293,10 @@ def _train(a, folders: list) -> int:
         engine, engine_text = pick_engine(cfg.model, cfg.train, device)
     else:  # the fused kernel is one process's whole step; DDP needs autograd's gradients
         engine, engine_text = "autograd", "PyTorch autograd (data-parallel)"
-        share = cfg.train.batch_size / dist.world
-        progress.say(f"data-parallel: {dist.world} processes ({dist.backend}), global batch "
-                     f"{cfg.train.batch_size} = {dist.world} x {share:g}")
+        low, extra = divmod(cfg.train.batch_size, dist.world)
+        share = f"{low}" if not extra else f"{low}-{low + 1}"
+        progress.say(f"data-parallel: {dist.world} processes ({dist.backend}), each takes "
+                     f"{share} of every global batch of {cfg.train.batch_size}")
     progress.say(f"step: {engine_text}")
     trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)], engine,
                       dist)

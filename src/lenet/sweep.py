@@ -322,18 +322,24 @@ def open_storage(storage: Storage, heartbeat: int):
 
         Path(storage.url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(storage.url))
-    try:
-        return optuna.storages.RDBStorage(
-            storage.url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=Retry(max_retry=MAX_RETRY),
-            engine_kwargs={"pool_pre_ping": True} if not storage.url.startswith("sqlite")
-            else None)
-    except ImportError as e:
-        raise ConfigError(f"--storage {storage.describe()}: its driver is missing ({e}); "
-                          f"for PostgreSQL: pip install 'psycopg[binary]'") from None
-    except Exception as e:  # sqlalchemy's OperationalError and friends: one line
-        detail = " ".join(str(e).split())[:300]
-        raise ConfigError(f"--storage {storage.describe()}: cannot open it ({detail})") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                storage.url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=Retry(max_retry=MAX_RETRY),
+                engine_kwargs={"pool_pre_ping": True} if not storage.url.startswith("sqlite")
+                else None)
+        except ImportError as e:
+            raise ConfigError(f"--storage {storage.describe()}: its driver is missing ({e}); "
+                              f"for PostgreSQL: pip install 'psycopg[binary]'") from None
+        except Exception as e:  # sqlalchemy's OperationalError and friends: one line
+            # Machines started together may race to create the tables: try again.
+            if attempt < 2 and "already exists" in str(e):
+                time.sleep(1 + attempt)
+                continue
+            detail = " ".join(str(e).split())[:300]
+            raise ConfigError(f"--storage {storage.describe()}: cannot open it ({detail})"
+                              ) from None
 
 
 def quiet_optuna() -> None:
