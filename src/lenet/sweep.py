@@ -481,7 +481,7 @@ def work(study, n_trials: int, objective, *, by_pid: bool, on_trial=None, say=No
         c = counts(study)
         if c.done >= n_trials:
             return
-        if c.done + c.running >= n_trials and c.waiting == 0:
+        if c.done + c.running >= n_trials:  # a waiting retry runs only if one of them dies
             if say and not waiting_said:
                 say(f"waiting for {c.running} running trial(s) to finish or go stale")
                 waiting_said = True
@@ -503,7 +503,8 @@ class PruneCallback(Callback):
         import optuna
 
         self.trial.report(metrics.test_acc, metrics.epoch)
-        if self.trial.should_prune():
+        last = trainer is not None and metrics.epoch >= trainer.spec.epochs
+        if not last and self.trial.should_prune():  # after the last epoch: nothing to save
             raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch} "
                                      f"(test acc {metrics.test_acc:.4f})")
 
