@@ -16,6 +16,7 @@ from lenet.config import ConvSpec, RunConfig
 from lenet.errors import ConfigError
 
 optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE2 = ROOT / "examples" / "exercise2.toml"
 
