@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from lenet import cli_more
 
     cli_more.add_parsers(verbs)
+    from lenet import cli_sweep
+
+    cli_sweep.add_parser(verbs)
     return p
 
 
@@ -163,10 +166,11 @@ def build_config(a) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from lenet import cli_more
+        from lenet import cli_more, cli_sweep
 
         return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS}[args.verb](args)
+                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS,
+                **cli_sweep.HANDLERS}[args.verb](args)
     except KeyboardInterrupt:
         print("lenet: interrupted", file=sys.stderr)
         return 130
@@ -190,10 +194,10 @@ def _info(line: str) -> None:
     print(line, flush=True)
 
 
-def _load_data(name: str, download: bool = True):
+def _load_data(name: str, download: bool = True, quiet: bool = False):
     from lenet.data import sources
 
-    return sources.load(name, download=download, report=_info)
+    return sources.load(name, download=download, report=None if quiet else _info)
 
 
 def _data_name(value: str | None) -> str | None:
@@ -234,13 +238,15 @@ def cmd_train(a) -> int:
 def _train(a, folders: list) -> int:
     import torch
 
-    from lenet import checkpoint
+    from lenet import checkpoint, distributed
     from lenet.console import ConsoleProgress
     from lenet.data.batches import Batches
     from lenet.models import format_summary, init_model, summary
     from lenet.runs import RunFolder, RunWriter
     from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
 
+    dist = distributed.from_env()  # launched by torchrun with 2+ processes
+    main_rank = dist is None or dist.is_main
     state = None
     if a.resume:
         changed = [f for f in ("preset", "config", "batch_size", "lr", "seed", "data", "out",
@@ -253,7 +259,8 @@ def _train(a, folders: list) -> int:
         folder = RunFolder(a.resume)
         folder.read_config()
         folders.append(folder)
-        folder.lock()
+        if main_rank:
+            folder.lock()
         ckpt = folder.checkpoint_for_resume()
         state = checkpoint.load(ckpt)
         cfg = override(state["config"], "train", epochs=a.epochs, device=a.device)
@@ -264,20 +271,26 @@ def _train(a, folders: list) -> int:
         cfg = build_config(a)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
         folders.append(folder)
-        folder.check_new()  # before loading data: a taken folder fails at once
+        if main_rank:
+            folder.check_new()  # before loading data: a taken folder fails at once
 
     device = resolve_device(cfg.train.device)
-    ds = _load_data(cfg.data.name)
+    if dist is not None:
+        dist, device = distributed.init(dist, device)
+    ds = _load_data(cfg.data.name, quiet=not main_rank)
     cfg = _fit_to_data(cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)
     if state is not None:
         checkpoint.restore_model(ckpt, state, model)
-        folder.write_text(folder.config, cfg.to_json())  # records a changed --epochs
-    else:
+        if main_rank:
+            folder.write_text(folder.config, cfg.to_json())  # records a changed --epochs
+    elif main_rank:
         folder.create(cfg)
     input_shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     table = format_summary(summary(model, input_shape), input_shape)
 
+    if not main_rank:  # rank 0 prints and writes the run folder; the others only train
+        return _train_rank(cfg, state, model, ds, device, dist)
     progress = ConsoleProgress(log_path=folder.log, bar=False if a.no_progress else None)
     progress.say(f"lenet {__version__}, torch {torch.__version__}, device {device}"
                  + (f" ({_threads()})" if device.type == "cpu" else
@@ -288,16 +301,25 @@ def _train(a, folders: list) -> int:
     progress.say(f"preset {cfg.preset}: lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
                  f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")
 
-    engine, engine_text = pick_engine(cfg.model, cfg.train, device)
+    if dist is None:
+        engine, engine_text = pick_engine(cfg.model, cfg.train, device)
+    else:  # the fused kernel is one process's whole step; DDP needs autograd's gradients
+        engine, engine_text = "autograd", "PyTorch autograd (data-parallel)"
+        low, extra = divmod(cfg.train.batch_size, dist.world)
+        share = f"{low}" if not extra else f"{low}-{low + 1}"
+        progress.say(f"data-parallel: {dist.world} processes ({dist.backend}), each takes "
+                     f"{share} of every global batch of {cfg.train.batch_size}")
     progress.say(f"step: {engine_text}")
-    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)], engine)
+    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)], engine,
+                      dist)
     if state is not None:
         trainer.restore(state)
     train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
                     resize=cfg.data.resize, augment=cfg.train.augment)
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
                    resize=cfg.data.resize)
-    _stop_gently_on_ctrl_c(trainer)
+    if dist is None:  # under torchrun the ranks could stop at different steps: no gentle stop
+        _stop_gently_on_ctrl_c(trainer)
     try:
         trainer.fit(model, train, test)
     except TrainingInterrupted as e:
@@ -306,7 +328,28 @@ def _train(a, folders: list) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        distributed.close()
     progress.say(f"run folder: {folder.path}")
+    return 0
+
+
+def _train_rank(cfg, state, model, ds, device, dist) -> int:
+    """A data-parallel rank other than 0: the same training, nothing written or printed."""
+    from lenet import distributed
+    from lenet.data.batches import Batches
+    from lenet.train import Trainer
+
+    trainer = Trainer(cfg.train, device, [], "autograd", dist)
+    if state is not None:
+        trainer.restore(state)
+    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
+                    resize=cfg.data.resize)
+    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
+                   resize=cfg.data.resize)
+    try:
+        trainer.fit(model, train, test)
+    finally:
+        distributed.close()
     return 0
 
 

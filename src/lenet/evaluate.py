@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from lenet.data.batches import Batches
 
 
-def evaluate(model: torch.nn.Module, batches: Batches, forward=None) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches: Batches, forward=None,
+             reduce=None) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of `model` on every example of `batches`
-    (`forward` may replace model(x), e.g. the fused kernel's equivalent)."""
+    (`forward` may replace model(x), e.g. the fused kernel's equivalent; `reduce` sums the
+    totals over data-parallel ranks, each of which saw its share of `batches`)."""
     forward = forward or model
     was_training = model.training
     model.eval()
@@ -21,5 +23,7 @@ def evaluate(model: torch.nn.Module, batches: Batches, forward=None) -> tuple[fl
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
+    if reduce is not None:
+        reduce(loss_sum, correct)
     n = batches.num_examples
     return loss_sum.item() / n, correct.item() / n  # one host sync per call

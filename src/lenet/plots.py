@@ -202,3 +202,33 @@ def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int
                  f"({count} shown)", fontsize=9)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+def sweep_figures(study, folder: Path) -> dict[str, str]:
+    """Optuna's optimization history and parameter importances as PNGs in `folder`.
+    Returns {file name: why it was not drawn} for a figure the study cannot give yet."""
+    import warnings
+
+    from optuna.visualization import matplotlib as ov
+
+    plt = _pyplot()
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return {name: "no complete trial yet" for name in ("history.png", "importances.png")}
+    skipped = {}
+    for name, draw in (("history.png", ov.plot_optimization_history),
+                       ("importances.png", ov.plot_param_importances)):
+        try:
+            # Optuna's plots switch the global style to ggplot: keep that to these figures.
+            with warnings.catch_warnings(), plt.style.context("default"):
+                warnings.simplefilter("ignore")
+                ax = draw(study)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
+            skipped[name] = " ".join(str(e).split())
+            continue
+        fig = ax.figure
+        fig.set_size_inches(7, 4.5)
+        # bbox "tight": Optuna puts the history's legend outside the axes
+        atomic_write(folder / name, lambda f, fig=fig: fig.savefig(f, format="png",
+                                                                  bbox_inches="tight"))
+        plt.close(fig)
+    return skipped

@@ -109,12 +109,19 @@ class Trainer:
     attributes, so callbacks can save it and `restore` can put it back."""
 
     def __init__(self, spec: TrainSpec, device: torch.device, callbacks=(),
-                 engine: str = "autograd"):
+                 engine: str = "autograd", dist=None):
         self.spec = spec
         self.device = device
         self.callbacks = list(callbacks)
         self.engine = engine  # "autograd", or "fused" (see lenet.fused; same math, one call)
         self.fused = None
+        # Data-parallel (lenet.distributed.Dist, under torchrun): the step runs through a
+        # DistributedDataParallel wrapper; self.model stays the plain network, for
+        # checkpoints that load with or without torchrun.
+        self.dist = dist
+        if dist is not None and engine != "autograd":
+            raise ConfigError("data-parallel training runs on PyTorch autograd, not the "
+                              f"{engine} engine")
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         # Shuffling has its own generator: its state alone replays the batch order.
@@ -130,6 +137,8 @@ class Trainer:
         # The divergence guard reads the loss every step on the CPU (a few microseconds);
         # on a GPU that read would stall the queue, so it looks every 50 steps.
         self.guard_every = 1 if device.type == "cpu" else 50
+        if dist is not None:  # each rank sees only its loss: all look together at epoch end
+            self.guard_every = 0
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state (see checkpoint.load) at the next fit()."""
@@ -149,6 +158,14 @@ class Trainer:
                 # every variant measured (sigmoid/avg, ReLU/max, BatchNorm; 1 to 64 channels).
                 model.to(memory_format=torch.channels_last)
             self.optimizer = make_optimizer(model, self.spec)
+        self.step_model = model
+        if self.dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP broadcasts rank 0's weights now; every rank built the same ones anyway.
+            self.step_model = DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            train.shard = test.shard = (self.dist.rank, self.dist.world)
         train.generator = self.generator
         if self._resume_state is not None:
             self._apply_resume(self._resume_state)
@@ -172,29 +189,37 @@ class Trainer:
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        if resume is not None:
+        if resume is not None and (self.dist is None or self.dist.is_main):  # counted once
             loss_sum += resume["loss_sum"].to(self.device)
             correct += resume["correct"].to(self.device)
         scheduled = self.spec.schedule != "constant" or self.spec.warmup > 0
+        world = self.dist.world if self.dist is not None else 1
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
             if self.fused is not None:  # forward, loss, backward and update in one call
                 loss, right = self.fused.step(x, y)
+                loss_total = loss.detach() * len(y)
             else:
                 if scheduled:
                     lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
                                self.spec.epochs * len(train))
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=self.spec.label_smoothing)
+                logits = self.step_model(x)
+                total = F.cross_entropy(logits, y, reduction="sum",
+                                        label_smoothing=self.spec.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # Over the whole batch's size (all ranks' examples), times the world size
+                # that DDP's gradient average divides by: exactly the gradient of the
+                # batch's mean loss, whatever the ranks' shares (the last batch's may differ).
+                (total * (world / train.batch_len(step))).backward()
                 self.optimizer.step()
                 right = (logits.argmax(1) == y).sum()
+                loss_total = total.detach()
             # Metrics stay on the device; host syncs are only the guard's and the epoch's.
-            loss_sum += loss.detach() * len(y)
+            loss_sum += loss_total
             correct += right
-            if step % self.guard_every == 0 and not torch.isfinite(loss_sum):  # sync
+            if self.guard_every and step % self.guard_every == 0 and \
+                    not torch.isfinite(loss_sum):  # sync
                 self._diverged(epoch, step)
             self._call("on_step", step)
             if self.stop_requested and step < len(train):
@@ -203,15 +228,26 @@ class Trainer:
                                 "seconds": spent + time.perf_counter() - t0}
                 self._call("on_interrupt")
                 raise TrainingInterrupted(epoch, step)
+        if self.dist is not None:
+            from lenet import distributed
+
+            distributed.sum_(loss_sum, correct)
         if not torch.isfinite(loss_sum):  # sync
             self._diverged(epoch, len(train))
         train_loss = loss_sum.item() / train.num_examples
         train_acc = correct.item() / train.num_examples
         loop_s = spent + time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, test,
-                                       forward=self.fused.forward if self.fused else None)
+                                       forward=self.fused.forward if self.fused else None,
+                                       reduce=self._sum if self.dist is not None else None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)
+
+    @staticmethod
+    def _sum(*tensors) -> None:
+        from lenet import distributed
+
+        distributed.sum_(*tensors)
 
     def _diverged(self, epoch: int, step: int) -> None:
         where = f"step {step}" if self.guard_every == 1 else f"by step {step}"

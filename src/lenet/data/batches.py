@@ -35,6 +35,10 @@ class Batches:
         self.generator = generator
         self.resize = None if resize == self.images.shape[-1] else resize
         self.augment = augment  # applied to shuffled passes only (training), see `epoch`
+        # (rank, world) under data-parallel training: this process takes its share of every
+        # batch (torch.tensor_split: shares differ by at most one example); len() and
+        # num_examples stay those of the whole split.
+        self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -59,12 +63,27 @@ class Batches:
         for start in range(skip * bs, n, bs):  # the last, partial batch is kept
             if order is None:
                 x, y = self.images[start:start + bs], self.labels[start:start + bs]
+                if self.shard is not None:
+                    rank, world = self.shard
+                    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
             else:
-                idx = order[start:start + bs]
-                x, y = self.images[idx], self.labels[idx]
+                idx, drawn = order[start:start + bs], None
                 if draws is not None:
-                    x = augment(x, self.augment, draws[:, start:start + bs])
+                    drawn = draws[:, start:start + bs]
+                if self.shard is not None:  # this rank's share of the images and their draws
+                    rank, world = self.shard
+                    idx = idx.tensor_split(world)[rank]
+                    if drawn is not None:
+                        drawn = drawn.tensor_split(world, dim=1)[rank]
+                x, y = self.images[idx], self.labels[idx]
+                if drawn is not None:
+                    x = augment(x, self.augment, drawn)
             yield self.prepare(x), y
+
+    def batch_len(self, step: int) -> int:
+        """Examples in the whole (all ranks') batch number `step` (1-based): the last one
+        of a pass holds the remainder."""
+        return min(self.batch_size, self.num_examples - (step - 1) * self.batch_size)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> the network's float input (resized when asked)."""

@@ -1,0 +1,251 @@
+"""`lenet sweep`: the space file, its mapping onto RunConfig, the study's bookkeeping, and a
+small sweep in process (SQLite), resumed, whose best.json `lenet train` reproduces."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_idx_folder
+from lenet import cli, sweep
+from lenet.config import ConvSpec, RunConfig
+from lenet.errors import ConfigError
+
+optuna = pytest.importorskip("optuna")
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+ROOT = Path(__file__).resolve().parents[1]
+EXERCISE2 = ROOT / "examples" / "exercise2.toml"
+
+
+def write(tmp_path: Path, text: str, name: str = "space.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_exercise2_covers_the_chapter_knobs():
+    space = sweep.load_space(EXERCISE2)
+    names = {p.name for p in space.params}
+    assert names == {"model.conv_layers", "model.kernel", "model.channels", "model.padding",
+                     "model.dense_layers", "model.dense_width", "model.activation",
+                     "model.pooling", "model.init", "train.lr", "train.epochs"}
+    lr = next(p for p in space.params if p.name == "train.lr")
+    assert lr.log and not lr.is_int
+    assert next(p for p in space.params if p.name == "train.epochs").is_int
+
+
+def test_derived_knobs_build_the_conv_and_dense_stacks(tmp_path):
+    space = sweep.load_space(write(tmp_path, '[space.model]\nkernel = {choices = [3, 7]}\n'))
+    book = space.config({"model.kernel": 7}).model  # the book's stack, kernel changed
+    assert book.convs == (ConvSpec(6, 7, 3), ConvSpec(16, 7, 0)) and book.dense == (120, 84)
+    cfg = space.config({"model.conv_layers": 3, "model.kernel": 3, "model.channels": 8,
+                        "model.padding": "same", "model.dense_layers": 2,
+                        "model.dense_width": 100})
+    assert cfg.model.convs == (ConvSpec(8, 3, 1), ConvSpec(16, 3, 1), ConvSpec(32, 3, 1))
+    assert cfg.model.dense == (100, 70)
+    assert space.config({"model.dense_layers": 0}).model.dense == ()
+    deeper = space.config({"model.conv_layers": 3}).model.convs  # book's two, then doubled
+    assert [c.channels for c in deeper] == [6, 16, 32] and deeper[2].padding == 0
+
+
+def test_fixed_section_and_plain_values_and_flags(tmp_path):
+    path = write(tmp_path, 'preset = "modern"\n[fixed.train]\nbatch_size = 32\n'
+                           '[space.train]\nlr = {low = 0.01, high = 0.5, log = true}\n'
+                           'epochs = 3\n')
+    space = sweep.load_space(path)
+    cfg = space.config({"train.lr": 0.1})
+    assert (cfg.preset, cfg.model.activation, cfg.train.batch_size, cfg.train.epochs,
+            cfg.train.lr) == ("modern", "relu", 32, 3, 0.1)
+    assert space.without("train.epochs").config({}).train.epochs == 10
+
+
+@pytest.mark.parametrize("text, message", [
+    ('colour = 1\n[space.train]\nlr = {low = 0.1, high = 1.0}\n',
+     "unknown key 'colour'; expected some of preset, fixed, space"),
+    ('[space.train]\nspeed = {low = 1, high = 2}\n', "space.train.speed: unknown knob"),
+    ('[space.model]\nkernal = {choices = [3]}\n', "space.model.kernal: unknown knob"),
+    ('[space.optim]\nlr = {low = 0.1, high = 1.0}\n', "space.optim: unknown section"),
+    ('[space.train]\nlr = {low = 1.0, high = 0.1}\n',
+     "space.train.lr: expected low < high, got low 1.0, high 0.1"),
+    ('[space.train]\nlr = {low = 0.0, high = 1.0, log = true}\n',
+     "space.train.lr: a log scale needs low > 0"),
+    ('[space.train]\nlr = {low = 0.1, high = 1.0, scale = "log"}\n',
+     "space.train.lr: unknown key 'scale'"),
+    ('[space.model]\nactivation = {choices = []}\n',
+     "space.model.activation: choices: expected a non-empty list"),
+    ('[space.model]\nactivation = {choices = ["relu", "swish"]}\n',
+     "space.model.activation: 'swish' is not allowed"),
+    ('[space.model]\nconvs = {choices = [1]}\n', "space.model.convs: a list cannot be "
+     "searched; use conv_layers, kernel, channels, padding"),
+    ('[space.model]\npadding = {choices = ["full"]}\n', "space.model.padding: 'full'"),
+    ('[space.train]\nepochs = {low = 0, high = 3}\n', "space.train.epochs: 0 is not allowed"),
+    ('preset = "vintage"\n[space.train]\nlr = {low = 0.1, high = 1.0}\n',
+     "preset: unknown preset 'vintage'"),
+    ('[fixed.train]\nbatch = 3\n[space.train]\nlr = {low = 0.1, high = 1.0}\n',
+     "unknown key(s) batch"),
+    ('preset = "book"\n', "space: expected a table of sections"),
+    ('[space.train\n', "not a readable TOML config"),
+])
+def test_bad_space_files_are_one_line_naming_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        sweep.load_space(path)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(str(path)) and message in line, line
+
+
+def test_bad_space_via_the_cli_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, '[space.train]\nlr = {low = 1.0, high = 0.1}\n')
+    assert cli.main(["sweep", "--space", str(path), "--n-trials", "2",
+                     "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lenet: error: {path}: space.train.lr:") and err.count("\n") == 1
+    assert cli.main(["sweep", "--space", str(path), "--n-trials", "0",
+                     "--out", str(tmp_path / "s")]) == 1
+    assert "--n-trials 0: expected a positive integer" in capsys.readouterr().err
+
+
+def test_storage_choice():
+    out = Path("/x")
+    assert sweep.choose_storage(None, out, 1) == sweep.Storage("rdb", "sqlite:////x/sweep.db")
+    assert sweep.choose_storage(None, out, 3) == sweep.Storage("journal", "/x/sweep.journal")
+    pg = sweep.choose_storage("postgresql+psycopg://u:secret@h/db", out, 1)
+    assert pg.kind == "rdb" and "secret" not in pg.describe()
+
+
+def test_prune_callback_reports_each_epoch_and_raises_when_told():
+    class FakeTrial:
+        def __init__(self, prune):
+            self.reports, self.prune = [], prune
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return self.prune
+
+    class M:
+        epoch, test_acc = 2, 0.25
+
+    keep = FakeTrial(False)
+    sweep.PruneCallback(keep).on_epoch_end(None, M)
+    assert keep.reports == [(2, 0.25)]
+    with pytest.raises(optuna.TrialPruned, match="after epoch 2"):
+        sweep.PruneCallback(FakeTrial(True)).on_epoch_end(None, M)
+
+
+def test_a_dead_local_worker_trial_is_failed_and_queued_again(tmp_path):
+    """Journal files have no heartbeat: a running trial whose process (on this host) is gone
+    is failed and requeued with the same parameters, without the dead pid."""
+    import socket
+
+    from optuna.storages.journal import JournalFileBackend
+
+    space = sweep.load_space(write(tmp_path, '[space.train]\nlr = {low = 0.1, high = 1.0}\n'))
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = sweep.open_study(storage, "s", space, sweep.make_pruner("none", None))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    trial = study.ask()
+    trial.suggest_float("train.lr", 0.1, 1.0)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", gone.pid)
+    alive = study.ask()
+    alive.set_user_attr("host", socket.gethostname())
+    alive.set_user_attr("pid", os.getpid())
+    assert sweep.counts(study) == sweep.Counts(done=0, running=2, waiting=0)
+    assert sweep.reap_dead_workers(study, by_pid=False) == []  # RDB-style: heartbeat only
+    assert sweep.reap_dead_workers(study, by_pid=True) == [trial.number]
+    trials = study.get_trials()
+    assert trials[trial.number].state.name == "FAIL"
+    retry = trials[-1]
+    assert retry.state.name == "WAITING" and retry.params == trials[trial.number].params
+    assert retry.system_attrs["failed_trial"] == trial.number and "pid" not in retry.user_attrs
+    assert sweep.counts(study) == sweep.Counts(done=0, running=1, waiting=1)
+    with pytest.raises(ConfigError, match="another search space"):
+        other = sweep.load_space(write(tmp_path, '[space.train]\nlr = {low = 0.2, high = 1.0}\n',
+                                       "other.toml"))
+        sweep.open_study(storage, "s", other, sweep.make_pruner("none", None))
+
+
+SMALL = """# tiny nets, so a trial takes a fraction of a second
+preset = "modern"
+[fixed.train]
+batch_size = 64
+[space.model]
+channels = { choices = [2, 4] }
+dense_width = { choices = [16, 32] }
+activation = { choices = ["relu", "tanh"] }
+[space.train]
+lr = { low = 0.05, high = 0.3, log = true }
+"""
+
+
+def test_sweep_writes_trials_best_json_and_figures_and_resumes_to_the_total(
+        tmp_path, capsys, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=300, n_test=100)
+    space = write(tmp_path, SMALL)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--space", str(space), "--n-trials", "3", "--epochs", "2",
+            "--data", str(data), "--out", str(out), "--seed", "0", "--pruner", "none"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "storage sqlite:///" in text and "0 of 3 trials done" in text
+    assert text.count("complete") >= 3 and "best: trial" in text
+    for name in ("best.json", "history.png", "importances.png", "trials.txt", "sweep.db"):
+        assert (out / name).is_file(), name
+    for n in range(3):
+        run = out / "trials" / f"{n:04d}"
+        assert {"config.json", "metrics.csv", "last.ckpt", "log.txt"} <= {
+            p.name for p in run.iterdir()}
+        assert len((run / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'sweep.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)
+    best = study.best_trial
+
+    assert cli.main(argv) == 0  # the same command again: the study is full
+    text = capsys.readouterr().out
+    assert "3 of 3 trials done" in text and "trial 3" not in text
+    assert len(optuna.load_study(study_name="space",
+                                 storage=f"sqlite:///{out / 'sweep.db'}").trials) == 3
+
+    cfg = RunConfig.from_json_file(out / "best.json")
+    assert cfg.train.epochs == 2 and cfg.train.lr == best.params["train.lr"]
+    assert cfg.model.activation == best.params["model.activation"]
+    run = tmp_path / "again"
+    assert cli.main(["train", "--config", str(out / "best.json"), "--out", str(run),
+                     "--no-progress"]) == 0
+    last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
+    assert float(last[4]) == pytest.approx(best.value, abs=1e-6)
+
+
+def test_an_invalid_sampled_config_fails_its_trial_with_the_reason(tmp_path, capsys,
+                                                                     isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    space = write(tmp_path, '[space.model]\nconv_layers = {choices = [5]}\n'
+                            'padding = {choices = ["valid"]}\n')
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--space", str(space), "--n-trials", "1", "--data", str(data),
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "trial 0: fail (conv3: a 5x5 kernel with padding 0 does not fit" in text
+    assert "no trial completed: no best.json" in text and not (out / "best.json").exists()
+
+
+def test_workers_refuse_sqlite(tmp_path, capsys):
+    assert cli.main(["sweep", "--space", str(EXERCISE2), "--n-trials", "2", "--workers", "2",
+                     "--storage", f"sqlite:///{tmp_path}/s.db", "--out", str(tmp_path)]) == 1
+    assert "Optuna advises against parallel SQLite" in capsys.readouterr().err
+
+
+def test_best_json_is_a_whole_config(tmp_path):
+    cfg = RunConfig()
+    path = tmp_path / "best.json"
+    path.write_text(cfg.to_json())
+    assert RunConfig.from_dict(json.loads(path.read_text())) == cfg
