@@ -1,6 +1,6 @@
 """Bounded load test of `lenet serve` on loopback: N requests from C concurrent clients,
-half a drawing as the page sends it (a 280x280 PNG), half a raw 28x28 test image; prints
-p50/p99 latency and the errors.
+half a drawing as the page sends it (its 280x280 pad as a 140x140 PNG), half a raw 28x28
+image; prints p50/p99 latency and the errors.
 
     python benchmarks/serve_load.py RUN_DIR [--requests 1000] [--concurrency 4]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000/   # a server already running
@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw
 
 
 def bodies() -> list[tuple[bytes, str]]:
-    im = Image.new("RGB", (280, 280), "white")
-    ImageDraw.Draw(im).line((60, 50, 140, 230, 220, 50), fill="black", width=18)
+    im = Image.new("RGBA", (140, 140), "white")  # what a canvas's toBlob gives
+    ImageDraw.Draw(im).line((30, 25, 70, 115, 110, 25), fill="black", width=9)
     buf = io.BytesIO()
     im.save(buf, "PNG")
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def run_load(url: str, requests: int, concurrency: int) -> int:
         ms = np.array(list(pool.map(one, range(requests))))
     wall = time.perf_counter() - t0
     print(f"lenet serve load test: {requests:,} POST /api/predict ({len(work)} kinds "
-          f"alternating: 280x280 PNG drawing, raw 28x28), {concurrency} concurrent, "
+          f"alternating: 140x140 RGBA PNG drawing, raw 28x28), {concurrency} concurrent, "
           f"on {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
     print(f"latency ms: p50 {np.percentile(ms, 50):.1f}  p90 {np.percentile(ms, 90):.1f}  "
           f"p99 {np.percentile(ms, 99):.1f}  max {ms.max():.1f}; {requests / wall:,.0f} "

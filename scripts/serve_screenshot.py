@@ -1,7 +1,7 @@
 """The README's picture of `lenet serve`: serve one or two trained runs, open the page in
 Debian's chromium (headless, via Playwright), show a test image of a class, screenshot.
 
-    .venv/bin/python scripts/serve_screenshot.py RUN_DIR [RUN_DIR2] [--class Coat]
+    .venv/bin/python scripts/serve_screenshot.py RUN_DIR [RUN_DIR2] [--class Coat] [--index 3388]
         [--out docs/images/serve.png]
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--class", dest="cls", default="Coat")
+    p.add_argument("--class", dest="cls", default="Coat", help="class shown in the select")
+    p.add_argument("--index", type=int, default=3388, help="test image shown (a Coat)")
     p.add_argument("--out", default="docs/images/serve.png")
     a = p.parse_args()
     models = [serve.load_served(r) for r in a.runs]
@@ -41,10 +42,10 @@ def main() -> int:
             page.goto(serve.url(sock))
             expect(page.locator("#status")).to_contain_text("random")
             page.select_option("#class", a.cls)
-            page.click("#example")
-            expect(page.locator("#status")).to_contain_text(f"a {a.cls}")
-            page.locator("#example").blur()
-            page.screenshot(path=a.out)
+            page.evaluate("i => example(`?index=${i}`, 'example')", a.index)  # app.js
+            expect(page.locator("#status")).to_contain_text(f"test image #{a.index},")
+            page.mouse.move(1, 1)  # no hover shading in the picture
+            page.screenshot(path=a.out, full_page=True)
             browser.close()
     finally:
         server.should_exit = True

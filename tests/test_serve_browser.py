@@ -90,6 +90,9 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
         expect(page.locator(f"#m{col} .maps.conv2 canvas")).to_have_count(16)
         expect(page.locator(f"#m{col} .answer")).to_contain_text("%")
         expect(page.locator(f"#m{col} .bars li.best")).to_have_count(1)
+        bar = page.eval_on_selector(f"#m{col} .bars li.best .fill",
+                                    "e => e.getBoundingClientRect().width")
+        assert bar > 5  # the top class's bar is drawn, not only its number
     # Every feature map was painted, and each picture says what it is.
     painted = page.eval_on_selector_all(
         "#m0 .maps canvas", "cs => cs.map(c => c.getContext('2d').getImageData(0, 0, c.width, "
@@ -116,8 +119,12 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
     expect(status).to_have_text("your drawing")
     assert sees() != seen
     seen = sees()
-    stroke([(140, 90), (140, 250)])  # another stroke: another input, other probabilities
+    # Another stroke: the page answers while it is drawn, before the button is released.
+    page.mouse.move(box["x"] + 140, box["y"] + 90)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 140, box["y"] + 250, steps=12)
     changed(first)
+    page.mouse.up()
     assert sees() != seen
     assert changed(first, 1) != first  # the second run answers the same input
 
