@@ -185,7 +185,7 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
         return answer({"error": " ".join(message.split())}, status)
 
     async def page(request):
-        name, media_type = STATIC[request.url.path]
+        _, media_type = STATIC[request.url.path]
         return Response(pages[request.url.path], media_type=media_type, headers=HEADERS)
 
     async def api_info(request):
