@@ -49,6 +49,14 @@ def add_parsers(verbs) -> None:
     e.add_argument("--out", metavar="FILE", help="where to write (default RUN_DIR/model.onnx)")
     e.add_argument("--checkpoint", **ckpt)
 
+    s = verbs.add_parser("serve", help="a web page to draw or upload an image and watch the "
+                         "prediction and feature maps (one or two runs side by side)")
+    s.add_argument("runs", metavar="RUN_DIR", nargs="+", help="one run, or two to compare")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free one")
+    s.add_argument("--checkpoint", **ckpt)
+
 
 def _err(line: str) -> None:
     print(f"lenet: error: {line}", file=sys.stderr)
@@ -196,6 +204,34 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    import torch
+
+    from lenet import serve
+    from lenet.cli import _load_data
+    from lenet.errors import DataError
+
+    if len(a.runs) > serve.MAX_MODELS:
+        raise serve.ServeError(f"{len(a.runs)} runs given: expected 1 or {serve.MAX_MODELS}")
+    models = [serve.load_served(r, a.checkpoint) for r in a.runs]
+    data = models[0].run.config.data.name
+    test, note = None, ""
+    try:  # examples need the test set; the page works without it
+        test = _load_data(data, download=False).test
+    except DataError as e:
+        note = f"no test-set examples: {e}"
+        print(f"lenet serve: {note}", file=sys.stderr)
+    app = serve.create_app(models, test, note)
+    sock = serve.bind(a.host, a.port)
+    # One image per request: a single thread per forward pass is fastest, and leaves the
+    # other cores to concurrent requests.
+    torch.set_num_threads(1)
+    print(f"serving {' and '.join(m.name for m in models)} at {serve.url(sock)} "
+          "(Ctrl-C stops)", flush=True)
+    serve.server(app).run(sockets=[sock])
+    return 0
+
+
 def print_report(p, ds, out_dir) -> tuple[Path, Path]:
     """For `lenet evaluate`: per-class accuracy, the five most confused pairs, and
     OUT_DIR/confusion.png and OUT_DIR/misclassified.png (whose paths it returns), from the
@@ -228,4 +264,5 @@ def print_report(p, ds, out_dir) -> tuple[Path, Path]:
     return confusion, gallery
 
 
-HANDLERS = {"predict": cmd_predict, "activations": cmd_activations, "export": cmd_export}
+HANDLERS = {"predict": cmd_predict, "activations": cmd_activations, "export": cmd_export,
+            "serve": cmd_serve}

@@ -68,6 +68,26 @@ def capture(model: torch.nn.Module, x: torch.Tensor,
     return {n: out[n] for n in layers}
 
 
+def trace(model: torch.nn.Sequential, x: torch.Tensor, layers: Sequence[str] = ("act1", "act2")
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and the named layers' outputs from one forward pass, layer by layer (what
+    nn.Sequential does), without hooks: safe to call from several threads at once. The
+    model must already be in eval mode (a server's is; `capture` switches it)."""
+    modules = dict(model.named_children())
+    unknown = [n for n in layers if n not in modules]
+    if unknown:
+        raise ConfigError(f"unknown layer '{unknown[0]}': expected one of {', '.join(modules)}")
+    wanted = set(layers)
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        x = x.to(next(model.parameters()).device)
+        for name, module in modules.items():
+            x = module(x)
+            if name in wanted:
+                out[name] = x.cpu()
+    return x.cpu(), {n: out[n] for n in layers}
+
+
 def active_threshold(activation: str) -> float:
     try:
         return ACTIVE_ABOVE[activation]

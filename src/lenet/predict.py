@@ -6,6 +6,7 @@ keeping the aspect ratio, centre it, light object on a black background.
 """
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -38,6 +39,10 @@ class ImageError(DataError):
         self.path, self.reason = str(path), reason
 
 
+class ImageTooLarge(ImageError):
+    """An image whose header declares more than MAX_PIXELS pixels (refused undecoded)."""
+
+
 def load_image(path: str | Path, size: int = 28) -> np.ndarray:
     """The image at `path` as the network's input pixels: uint8 (size, size), light object
     on black. Grayscale; the border's median is the background, and the image is inverted
@@ -46,6 +51,18 @@ def load_image(path: str | Path, size: int = 28) -> np.ndarray:
     background); longest edge scaled to `size`; centred. A transparent background becomes
     background. Raises ImageError naming the file."""
     gray, alpha = _read(Path(path))
+    return _fashion_mnist_style(gray, alpha, size)
+
+
+def decode_image(data: bytes, name: str = "upload", size: int = 28,
+                 formats: tuple[str, ...] = FORMATS, max_pixels: int = MAX_PIXELS
+                 ) -> np.ndarray:
+    """`load_image` for an image held in memory (e.g. an HTTP request body); `name` is
+    what errors call it. Only `formats` are tried; an image declaring more than
+    `max_pixels` is refused (ImageTooLarge) before decoding."""
+    if not data:
+        raise ImageError(name, "is empty (0 bytes), expected an image file")
+    gray, alpha = _open(io.BytesIO(data), name, formats, max_pixels)
     return _fashion_mnist_style(gray, alpha, size)
 
 
@@ -59,37 +76,47 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         if path.stat().st_size == 0:
             raise ImageError(path, "is empty (0 bytes), expected an image file")
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    return _open(path, path, FORMATS, MAX_PIXELS)
+
+
+def _open(source, name: str | Path, formats: tuple[str, ...], max_pixels: int
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
         with warnings.catch_warnings():
             # Pillow warns above ~89 MP and refuses above ~179 MP; our own, lower limit is
             # checked below, so its warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as im:
-                return _decode(path, im)
+            with Image.open(source, formats=formats) as im:
+                return _decode(name, im, max_pixels)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         declared = f"{int(found[1]) / 1e6:,.0f} MP" if found else "far too many pixels"
-        raise ImageError(path, _too_large(declared)) from None
+        raise ImageTooLarge(name, _too_large(declared, max_pixels)) from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not a PNG, JPEG, GIF, BMP, TIFF or WebP image") from None
+        kinds = [{"WEBP": "WebP"}.get(f, f) for f in formats]
+        raise ImageError(name, f"not a {', '.join(kinds[:-1])} or {kinds[-1]} image") from None
     except PermissionError:
-        raise ImageError(path, "permission denied") from None
+        raise ImageError(name, "permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         # Pillow reports truncated or corrupt data with any of these.
-        raise ImageError(path, f"cannot decode the image: truncated or corrupt "
+        raise ImageError(name, f"cannot decode the image: truncated or corrupt "
                          f"({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
-def _too_large(declared: str) -> str:
-    return (f"declares {declared}, more than the {MAX_PIXELS / 1e6:.0f} MP allowed; "
+def _too_large(declared: str, max_pixels: int) -> str:
+    return (f"declares {declared}, more than the {max_pixels / 1e6:.0f} MP allowed; "
             "refused without decoding it")
 
 
-def _decode(path: Path, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode(path: str | Path, im: Image.Image, max_pixels: int
+            ) -> tuple[np.ndarray, np.ndarray | None]:
     w, h = im.size
-    if w * h > MAX_PIXELS:
-        raise ImageError(path, _too_large(f"{w:,}x{h:,} pixels"))
+    if w * h > max_pixels:
+        raise ImageTooLarge(path, _too_large(f"{w:,}x{h:,} pixels", max_pixels))
     if w < 1 or h < 1:
         raise ImageError(path, f"has no pixels ({w}x{h})")
     orientation = im.getexif().get(0x0112)

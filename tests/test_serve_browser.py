@@ -1,0 +1,163 @@
+"""`lenet serve` end to end in a real browser: Debian's chromium driven by Playwright
+(never `playwright install`: it downloads a browser). In CI a missing browser fails."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from lenet import serve
+from lenet.data import sources
+from test_report import assert_picture, trained_tiny_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, and no calls home: updates, sync, field trials, first-run pages.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions"]
+
+
+def _missing(why: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI must install it: see .ci/run)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        _missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A real uvicorn in a thread on a free port, serving the tiny run twice (side by side)."""
+    run = trained_tiny_run(tmp_path_factory)
+    served = serve.load_served(run)
+    test = sources.load(served.run.config.data.name, download=False).test
+    sock = serve.bind("127.0.0.1", 0)
+    server = serve.server(serve.create_app([served, served], test))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield serve.url(sock)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1560, "height": 1000})
+    outside, problems = [], []
+    page.on("request", lambda r: r.url.startswith(live) or outside.append(r.url))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    status = page.locator("#status")
+
+    def probabilities(col: int = 0) -> str:
+        return page.locator(f"#m{col}").get_attribute("data-probabilities") or ""
+
+    def changed(before: str, col: int = 0) -> str:
+        page.wait_for_function("([sel, old]) => (document.querySelector(sel).dataset"
+                               ".probabilities || '') !== old", arg=[f"#m{col}", before])
+        return probabilities(col)
+
+    def sees(col: int = 0) -> str:
+        return page.eval_on_selector(f"#m{col} .sees canvas", "c => c.toDataURL()")
+
+    page.goto(live)
+    expect(status).to_contain_text("random: test image #")  # the page opens on an example
+    for col in (0, 1):
+        assert len(probabilities(col).split(",")) == 10
+        expect(page.locator(f"#m{col} .maps.conv1 canvas")).to_have_count(6)
+        expect(page.locator(f"#m{col} .maps.conv2 canvas")).to_have_count(16)
+        expect(page.locator(f"#m{col} .answer")).to_contain_text("%")
+        expect(page.locator(f"#m{col} .bars li.best")).to_have_count(1)
+        bar = page.eval_on_selector(f"#m{col} .bars li.best .fill",
+                                    "e => e.getBoundingClientRect().width")
+        assert bar > 5  # the top class's bar is drawn, not only its number
+    # Every feature map was painted, and each picture says what it is.
+    painted = page.eval_on_selector_all(
+        "#m0 .maps canvas", "cs => cs.map(c => c.getContext('2d').getImageData(0, 0, c.width, "
+        "c.height).data.some((v, i) => i % 4 === 3 && v > 0))")
+    assert painted == [True] * 22
+    labels = page.eval_on_selector_all("canvas[role=img]", "cs => cs.map(c => c.ariaLabel ||"
+                                       " c.getAttribute('aria-label'))")
+    assert len(labels) == 1 + 2 * 23 and all(labels)
+
+    page.click("#clear")
+    expect(status).to_have_text("cleared")
+    before, seen = probabilities(), sees()
+    box = page.locator("#pad").bounding_box()
+
+    def stroke(points):
+        page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
+        page.mouse.down()
+        for x, y in points[1:]:
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+        page.mouse.up()
+
+    stroke([(60, 70), (220, 70)])  # a bar near the top
+    first = changed(before)
+    expect(status).to_have_text("your drawing")
+    assert sees() != seen
+    seen = sees()
+    # Another stroke: the page answers while it is drawn, before the button is released.
+    page.mouse.move(box["x"] + 140, box["y"] + 90)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 140, box["y"] + 250, steps=12)
+    changed(first)
+    page.mouse.up()
+    assert sees() != seen
+    assert changed(first, 1) != first  # the second run answers the same input
+
+    before = probabilities()
+    page.click("#noise")
+    expect(status).to_have_text("uniform noise")
+    before = changed(before)
+    page.select_option("#class", "Trouser")
+    page.click("#example")
+    expect(status).to_contain_text("a Trouser")
+    changed(before)
+
+    im = Image.new("RGB", (120, 200), "white")
+    ImageDraw.Draw(im).rectangle((30, 10, 90, 190), fill=(20, 20, 20))
+    im.save(tmp_path / "upload.png")
+    page.set_input_files("#file", str(tmp_path / "upload.png"))
+    expect(status).to_have_text("uploaded upload.png")
+    (np.asarray(Image.open(tmp_path / "upload.png")))  # still readable: not moved or locked
+
+    page.focus("#random")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "noise"
+    page.keyboard.press("Enter")
+    expect(status).to_have_text("uniform noise")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "blank"
+    page.keyboard.press("Space")
+    expect(status).to_have_text("blank (all zeros)")
+    page.keyboard.press("n")  # a shortcut
+    expect(status).to_have_text("uniform noise")
+
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert_picture(shot, (1200, 600), (3000, 3000))
+    assert outside == [] and problems == []
+    page.close()
