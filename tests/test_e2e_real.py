@@ -47,24 +47,24 @@ def test_book_two_epochs_learns_and_writes_a_run_folder(real_data, tmp_path):
     assert "61,706" in c.stdout and (tmp_path / "c.png").stat().st_size > 10_000
 
 
-def test_modern_preset_reaches_088_in_ten_epochs(real_data, tmp_path):
-    """Exercise 1: ReLU + max-pool at lr 0.1, 10 epochs, seed 0 (measured 0.8877)."""
+def _train_preset(real_data, tmp_path, preset: str) -> list[dict]:
+    """`lenet train --preset PRESET` on the real data; its metrics.csv rows."""
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", "modern",
+    r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", preset,
                         "--data", str(real_data), "--out", str(run), "--no-progress"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    return list(csv.DictReader((run / "metrics.csv").open()))
+
+
+def test_modern_preset_reaches_088_in_ten_epochs(real_data, tmp_path):
+    """Exercise 1: ReLU + max-pool at lr 0.1, 10 epochs, seed 0 (measured 0.8877)."""
+    rows = _train_preset(real_data, tmp_path, "modern")
     assert len(rows) == 10 and float(rows[-1]["test_acc"]) >= 0.88
 
 
 def test_fast_preset_passes_091_in_five_epochs(real_data, tmp_path):
     """BatchNorm, ReLU, max-pool, Nesterov SGD, warm-up + cosine, label smoothing; seed 0
-    (measured 0.913; over seeds 0-4 see the README)."""
-    run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", "fast",
-                        "--data", str(real_data), "--out", str(run), "--no-progress"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    (measured 0.911-0.913; over seeds 0-4 see the README)."""
+    rows = _train_preset(real_data, tmp_path, "fast")
     assert len(rows) == 5 and float(rows[-1]["test_acc"]) >= 0.905
