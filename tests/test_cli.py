@@ -194,3 +194,16 @@ def test_divergence_stops_at_once_with_epoch_step_and_advice(tmp_path, capsys, i
         assert not (bad / "last.ckpt").exists()  # no checkpoint of a diverged state
     else:  # the last good epoch stays the resume point
         assert load(bad / "last.ckpt")["epoch"] == epoch - 1
+
+
+def test_a_missing_optional_extra_is_one_line_naming_the_install(tmp_path, capsys, monkeypatch,
+                                                                 isolated_env):
+    for name in ("optuna", "starlette", "uvicorn"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    space = tmp_path / "space.toml"
+    space.write_text('preset = "book"\n[space.train]\nlr = { low = 0.1, high = 1.0 }\n')
+    code = cli.main(["sweep", "--space", str(space), "--n-trials", "1",
+                     "--out", str(tmp_path / "sw")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "pip install 'lenet[sweep]'" in err and "Traceback" not in err

@@ -182,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lenet: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional extra (serve, sweep, onnx) is not installed
+        if args.debug:
+            raise
+        extra = _EXTRAS.get(args.verb)
+        hint = f"; install it with: pip install 'lenet[{extra}]'" if extra else ""
+        print(f"lenet {args.verb}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return 1
+
+
+# The verbs that need an optional extra (pyproject.toml's optional-dependencies).
+_EXTRAS = {"serve": "serve", "sweep": "sweep", "export": "onnx"}
 
 
 def _one_line(e: Exception) -> str:
