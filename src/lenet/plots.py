@@ -221,7 +221,7 @@ def sweep_figures(study, folder: Path) -> dict[str, str]:
             # Optuna's plots switch the global style to ggplot: keep that to these figures.
             with warnings.catch_warnings(), plt.style.context("default"):
                 warnings.simplefilter("ignore")
-                ax = draw(study)
+                ax = draw(study, target_name="test accuracy")
         except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
             skipped[name] = " ".join(str(e).split())
             continue
