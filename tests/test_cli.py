@@ -207,3 +207,12 @@ def test_a_missing_optional_extra_is_one_line_naming_the_install(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert "pip install 'lenet[sweep]'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0.1"], ["--convs", "6:5"], ["--schedule", "cosine"],
+                                  ["--augment", "flip"], ["--label-smoothing", "0.1"],
+                                  ["--nesterov"], ["--preset", "fast"]])
+def test_resume_refuses_every_flag_that_would_change_the_run(flag, capsys):
+    assert cli.main(["train", "--resume", "any/run", *flag]) == 1
+    err = capsys.readouterr().err
+    assert f"{flag[0]} cannot change it" in err, err

@@ -18,8 +18,9 @@ from lenet import cli
 
 pytestmark = pytest.mark.slow
 
-# 250 examples in batches of 63: shares of 31 and 32, and a last batch of 61 (30 and 31).
-ARGS = ["--data", "{data}", "--batch-size", "63", "--no-progress"]
+# 250 examples in batches of 63: shares of 31 and 32, and a last batch of 61 (30 and 31);
+# augmented, so each rank must also take its share of the augmentation draws.
+ARGS = ["--data", "{data}", "--batch-size", "63", "--augment", "flip+shift", "--no-progress"]
 
 
 def _launcher_or_skip() -> None:

@@ -251,7 +251,6 @@ def _train(a, folders: list) -> int:
 
     from lenet import checkpoint, distributed
     from lenet.console import ConsoleProgress
-    from lenet.data.batches import Batches
     from lenet.models import format_summary, init_model, summary
     from lenet.runs import RunFolder, RunWriter
     from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
@@ -260,12 +259,11 @@ def _train(a, folders: list) -> int:
     main_rank = dist is None or dist.is_main
     state = None
     if a.resume:
-        changed = [f for f in ("preset", "config", "batch_size", "lr", "seed", "data", "out",
-                               "activation", "pooling", "convs", "dense", "batch_norm",
-                               "dropout", "init", "optimizer", "momentum", "weight_decay",
-                               "resize") if getattr(a, f) is not None]
+        changed = [f for f, v in vars(a).items()
+                   if v is not None and f not in _RESUME_MAY_SET]
         if changed:
-            raise ConfigError(f"--resume continues a run as configured; --{changed[0]} "
+            flag = "--" + changed[0].replace("_", "-")
+            raise ConfigError(f"--resume continues a run as configured; {flag} "
                               f"cannot change it (only --epochs and --device can)")
         folder = RunFolder(a.resume)
         folder.read_config()
@@ -325,10 +323,7 @@ def _train(a, folders: list) -> int:
                       dist)
     if state is not None:
         trainer.restore(state)
-    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
-                    resize=cfg.data.resize, augment=cfg.train.augment)
-    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
-                   resize=cfg.data.resize)
+    train, test = _batches(ds, cfg, device)
     if dist is None:  # under torchrun the ranks could stop at different steps: no gentle stop
         _stop_gently_on_ctrl_c(trainer)
     try:
@@ -347,21 +342,31 @@ def _train(a, folders: list) -> int:
 def _train_rank(cfg, state, model, ds, device, dist) -> int:
     """A data-parallel rank other than 0: the same training, nothing written or printed."""
     from lenet import distributed
-    from lenet.data.batches import Batches
     from lenet.train import Trainer
 
     trainer = Trainer(cfg.train, device, [], "autograd", dist)
     if state is not None:
         trainer.restore(state)
-    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
-                    resize=cfg.data.resize)
-    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
-                   resize=cfg.data.resize)
     try:
-        trainer.fit(model, train, test)
+        trainer.fit(model, *_batches(ds, cfg, device))
     finally:
         distributed.close()
     return 0
+
+
+# What `--resume` accepts besides the run folder; any other flag would change the run.
+_RESUME_MAY_SET = {"verb", "debug", "resume", "epochs", "device", "no_progress", "runs_dir"}
+
+
+def _batches(ds, cfg: RunConfig, device):
+    """The training and test Batches of a run, as every training process needs them."""
+    from lenet.data.batches import Batches
+
+    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
+                    resize=cfg.data.resize, augment=cfg.train.augment)
+    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
+                   resize=cfg.data.resize)
+    return train, test
 
 
 def _threads() -> str:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from lenet import distributed
 from lenet.config import TrainSpec
 from lenet.data.batches import Batches
 from lenet.errors import ConfigError, DivergenceError, LenetError
@@ -229,8 +230,6 @@ class Trainer:
                 self._call("on_interrupt")
                 raise TrainingInterrupted(epoch, step)
         if self.dist is not None:
-            from lenet import distributed
-
             distributed.sum_(loss_sum, correct)
         if not torch.isfinite(loss_sum):  # sync
             self._diverged(epoch, len(train))
@@ -239,15 +238,9 @@ class Trainer:
         loop_s = spent + time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, test,
                                        forward=self.fused.forward if self.fused else None,
-                                       reduce=self._sum if self.dist is not None else None)
+                                       reduce=distributed.sum_ if self.dist else None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)
-
-    @staticmethod
-    def _sum(*tensors) -> None:
-        from lenet import distributed
-
-        distributed.sum_(*tensors)
 
     def _diverged(self, epoch: int, step: int) -> None:
         where = f"step {step}" if self.guard_every == 1 else f"by step {step}"
