@@ -251,7 +251,7 @@ def _train(a, folders: list) -> int:
 
     from lenet import checkpoint, distributed
     from lenet.console import ConsoleProgress
-    from lenet.models import format_summary, init_model, summary
+    from lenet.models import init_model
     from lenet.runs import RunFolder, RunWriter
     from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
 
@@ -295,8 +295,7 @@ def _train(a, folders: list) -> int:
             folder.write_text(folder.config, cfg.to_json())  # records a changed --epochs
     elif main_rank:
         folder.create(cfg)
-    input_shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    table = format_summary(summary(model, input_shape), input_shape)
+    table = _summary_table(cfg, model)
 
     if not main_rank:  # rank 0 prints and writes the run folder; the others only train
         return _train_rank(cfg, state, model, ds, device, dist)
@@ -356,6 +355,14 @@ def _train_rank(cfg, state, model, ds, device, dist) -> int:
 
 # What `--resume` accepts besides the run folder; any other flag would change the run.
 _RESUME_MAY_SET = {"verb", "debug", "resume", "epochs", "device", "no_progress", "runs_dir"}
+
+
+def _summary_table(cfg: RunConfig, model) -> str:
+    """The layer table written into a run's summary.txt."""
+    from lenet.models import format_summary, summary
+
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    return format_summary(summary(model, shape), shape)
 
 
 def _batches(ds, cfg: RunConfig, device):

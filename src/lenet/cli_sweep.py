@@ -182,26 +182,21 @@ def _objective(trial, space, ds, job: dict, device) -> float:
 def _train(trial, cfg, folder, ds, device) -> float:
     """One trial as an ordinary run folder (config, metrics, checkpoints, log), quietly."""
     from lenet import sweep
+    from lenet.cli import _batches, _summary_table
     from lenet.console import ConsoleProgress
-    from lenet.data.batches import Batches
-    from lenet.models import format_summary, init_model, summary
+    from lenet.models import init_model
     from lenet.runs import RunWriter
     from lenet.train import Trainer, pick_engine
 
     folder.create(cfg)
     model = init_model(cfg.model, cfg.train.seed)
-    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    table = format_summary(summary(model, shape), shape)
+    table = _summary_table(cfg, model)
     log = ConsoleProgress(stream=io.StringIO(), log_path=folder.log, bar=False)
     engine, engine_text = pick_engine(cfg.model, cfg.train, device)
     log.say(f"sweep trial {trial.number}; step: {engine_text}")
     trainer = Trainer(cfg.train, device,
                       [log, RunWriter(folder, cfg, table), sweep.PruneCallback(trial)], engine)
-    train = Batches(ds.train.images, ds.train.labels, cfg.train.batch_size, device,
-                    resize=cfg.data.resize)
-    test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
-                   resize=cfg.data.resize)
-    return trainer.fit(model, train, test)[-1].test_acc
+    return trainer.fit(model, *_batches(ds, cfg, device))[-1].test_acc
 
 
 def _fmt(v) -> str:

@@ -42,30 +42,14 @@ def conv_activations(model: torch.nn.Module) -> list[str]:
 
 def capture(model: torch.nn.Module, x: torch.Tensor,
             layers: Sequence[str] = ("act1", "act2")) -> dict[str, torch.Tensor]:
-    """The outputs of the named layers for input `x` (N, C, H, W), captured by forward
-    hooks in eval mode without autograd; on the CPU, in the order of `layers`."""
-    modules = dict(model.named_children())
-    unknown = [n for n in layers if n not in modules]
-    if unknown:
-        raise ConfigError(f"unknown layer '{unknown[0]}': expected one of {', '.join(modules)}")
-    out: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(_module, _inputs, output):
-            out[name] = output.detach().cpu()
-        return hook
-
-    handles = [modules[n].register_forward_hook(keep(n)) for n in layers]
+    """The outputs of the named layers for input `x` (N, C, H, W), in eval mode without
+    autograd; on the CPU, in the order of `layers` (`trace`, with the mode switched)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            model(x.to(next(model.parameters()).device))
+        return trace(model, x, layers)[1]
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return {n: out[n] for n in layers}
 
 
 def trace(model: torch.nn.Sequential, x: torch.Tensor, layers: Sequence[str] = ("act1", "act2")
