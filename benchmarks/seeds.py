@@ -9,13 +9,15 @@ the wall seconds. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lenet.runs import RunFolder, read_history
+from lenet.train import mean_examples_per_s
 
 
 def main() -> None:
@@ -40,10 +42,10 @@ def main() -> None:
             wall = time.perf_counter() - t0
             if r.returncode != 0:
                 sys.exit(f"seed {seed} failed: {r.stderr.strip()[-500:]}")
-            rows = list(csv.DictReader((out / "metrics.csv").open()))
-            acc = float(rows[-1]["test_acc"])
-            best = max(float(x["test_acc"]) for x in rows)
-            rate = len(rows) / sum(1 / float(x["examples_per_s"]) for x in rows)
+            history = read_history(RunFolder(out))
+            acc = history[-1].test_acc
+            best = max(m.test_acc for m in history)
+            rate = mean_examples_per_s(history)
             accs.append(acc)
             walls.append(wall)
             print(f"{seed:>4} {acc:>8.4f} {best:>6.4f} {wall:>7.1f} {rate:>10,.0f}", flush=True)

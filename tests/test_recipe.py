@@ -146,3 +146,11 @@ def test_fast_recipe_flags_reach_config_json_and_a_resumed_run_matches_a_straigh
         return [r[:5] for r in csv.reader((tmp_path / name / "metrics.csv").open())]
 
     assert len(numbers("a")) == 4 and numbers("a") == numbers("b")
+
+
+def test_channels_last_only_where_it_measured_faster():
+    from lenet.train import channels_last_pays
+
+    pays = {name: channels_last_pays(init_model(cfg.model, 0)) for name, cfg in PRESETS.items()}
+    assert pays == {"book": True, "book-1.0": True, "modern": True, "fast": False,
+                    "best": True}

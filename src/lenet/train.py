@@ -90,6 +90,16 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optim
                            weight_decay=wd)
 
 
+def channels_last_pays(model: torch.nn.Module) -> bool:
+    """Whether autograd steps on the CPU are faster with `model` in channels-last layout
+    (oneDNN's convolutions). benchmarks/layout_speed.py, 2 threads: book 1.08x, modern
+    1.19x, best 1.45x; but BatchNorm over few channels is slower that way (fast, 6 and 16
+    channels: 0.76x). A fixed rule, not a timing at start-up: the layout changes the last
+    bits of the results, and the same seed must give the same run."""
+    return not any(isinstance(m, torch.nn.BatchNorm2d) and m.num_features < 16
+                   for m in model.modules())
+
+
 def lr_at(spec: TrainSpec, step: int, total: int) -> float:
     """The learning rate for global step `step` (0-based) of `total`: a linear warm-up over
     the first `warmup` fraction, then constant, cosine or linear decay to 0. A pure function
@@ -154,9 +164,7 @@ class Trainer:
             # torch.optim optimizer anyway would cost ~2 s of torch._dynamo import.
             self.fused = FusedStep(model, self.spec.lr)
         else:
-            if self.device.type == "cpu":
-                # oneDNN's channels-last convolutions: 1.2-1.7x faster steps on the CPU for
-                # every variant measured (sigmoid/avg, ReLU/max, BatchNorm; 1 to 64 channels).
+            if self.device.type == "cpu" and channels_last_pays(model):
                 model.to(memory_format=torch.channels_last)
             self.optimizer = make_optimizer(model, self.spec)
         self.step_model = model
