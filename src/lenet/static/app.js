@@ -145,11 +145,14 @@ async function submit(body, type, label) {
 // returns, so the page never falls behind and the newest drawing is always the last answer.
 let drawing = null;    // the drawing request in flight, if any
 let redraw = false;    // the pad changed while it was in flight
+let drawGen = 0;       // bumped when another input replaces the drawing
 
 async function sendCanvas() {
   if (drawing) { redraw = true; return; }
+  const gen = drawGen;
   drawing = new Promise(done => half().toBlob(done, "image/png"))
-    .then(blob => submit(blob, "image/png", "your drawing"));
+    // toBlob is asynchronous: a button pressed meanwhile has replaced the drawing
+    .then(blob => gen === drawGen ? submit(blob, "image/png", "your drawing") : undefined);
   await drawing;
   drawing = null;
   if (redraw) { redraw = false; sendCanvas(); }
@@ -175,6 +178,7 @@ function forgetDrawing() {  // another input replaces the drawing: drop its pend
   clearTimeout(timer);
   timer = null;
   redraw = false;
+  drawGen++;
 }
 
 function sendRaw(pixels, label) {
