@@ -72,15 +72,18 @@ def test_supports_book_and_says_why_for_every_other_recipe():
     assert fused.supports(spec, train, "cpu") is None
     assert fused.supports(spec, train, "cuda:0") == "device cuda"
     assert fused.supports(replace(spec, num_classes=3), train, "cpu") is None  # any class count
+    recipe = replace(train, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+                     warmup=0.1, label_smoothing=0.1, augment="flip+shift")
+    for act in ("sigmoid", "relu"):
+        for pool in ("avg", "max"):
+            assert fused.supports(replace(spec, activation=act, pooling=pool), recipe,
+                                  "cpu") is None
     cases = [
         (spec, train, "cuda", "device cuda"),
         (spec, replace(train, optimizer="adam"), "cpu", "optimizer adam"),
         (spec, replace(train, optimizer="adamw"), "cpu", "optimizer adamw"),
-        (spec, replace(train, momentum=0.9), "cpu", "momentum"),
-        (spec, replace(train, weight_decay=1e-4), "cpu", "weight decay"),
-        (replace(spec, activation="relu"), train, "cpu", "activation relu"),
         (replace(spec, activation="tanh"), train, "cpu", "activation tanh"),
-        (replace(spec, pooling="max"), train, "cpu", "pooling max"),
+        (replace(spec, activation="gelu"), train, "cpu", "activation gelu"),
         (replace(spec, pool=3), train, "cpu", "pool size 3"),
         (replace(spec, batch_norm=True), train, "cpu", "batch norm"),
         (replace(spec, dropout=0.5), train, "cpu", "dropout"),
@@ -96,8 +99,8 @@ def test_supports_book_and_says_why_for_every_other_recipe():
 
 
 def test_supports_lists_every_reason():
-    spec = replace(ModelSpec(), activation="relu", pooling="max")
-    assert fused.supports(spec, TrainSpec(), "cpu") == "activation relu, pooling max"
+    spec = replace(ModelSpec(), activation="tanh", batch_norm=True)
+    assert fused.supports(spec, TrainSpec(), "cpu") == "activation tanh, batch norm"
 
 
 def test_lenet_fused_0_turns_it_off(monkeypatch):
@@ -127,7 +130,9 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
 
 def test_refuses_a_model_that_is_not_the_books():
     with pytest.raises(ConfigError, match="not the book's LeNet-5"):
-        fused.FusedStep(book(activation="relu", pooling="max"), LR)
+        fused.FusedStep(book(activation="tanh"), LR)
+    with pytest.raises(ConfigError, match="not the book's LeNet-5"):
+        fused.FusedStep(book(batch_norm=True), LR)
     with pytest.raises(ConfigError, match="not the book's LeNet-5"):
         fused.FusedStep(book(dense=(100, 84)), LR)
 
@@ -236,6 +241,150 @@ def test_three_epochs_follow_autograds_loss_curve(kernel, tiny_data):
     assert curves[0][-1] < curves[0][0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Exercise 1's variants and the modern recipe: ReLU, max pooling, label smoothing, momentum,
+# Nesterov, weight decay, a learning rate that changes every step
+
+KINDS = [("sigmoid", "avg"), ("sigmoid", "max"), ("relu", "avg"), ("relu", "max")]
+RECIPES = {
+    "plain": {},
+    "nesterov+wd+smoothing": dict(momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                  label_smoothing=0.1),
+    "momentum+smoothing": dict(momentum=0.9, label_smoothing=0.2),
+}
+
+
+@pytest.mark.parametrize("act, pool", KINDS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_steps_match_autograd_and_torch_sgd(kernel, act, pool, recipe):
+    opts = RECIPES[recipe]
+    smoothing = opts.get("label_smoothing", 0.0)
+    model = book(seed=2, activation=act, pooling=pool)
+    ref = copy.deepcopy(model)
+    step = fused.FusedStep(model, 0.1, **opts)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=opts.get("momentum", 0.0),
+                          nesterov=opts.get("nesterov", False),
+                          weight_decay=opts.get("weight_decay", 0.0))
+    for i, n in enumerate((128, 37, 1, 128)):
+        x, y = batch(n, seed=10 + i)
+        lr = 0.1 * (i + 1) / 4  # a warm-up: the rate changes every step
+        loss, right = step.step(x, y, lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logits = ref(x)
+        ref_loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        opt.zero_grad(set_to_none=True)
+        ref_loss.backward()
+        opt.step()
+        torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
+        assert right.item() == (logits.argmax(1) == y).sum().item()
+        assert_params_close(model, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(step.forward(x), ref(x), **TOL)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "relu"])
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_max_pooling_ties_send_the_gradient_to_the_first_maximum(kernel, act, layer):
+    """A constant conv output ties in every pooling window; torch gives the gradient to the
+    window's first element, and so must the kernel (else that conv's weight gradient, which
+    weighs each position by a different input, differs)."""
+    model = book(seed=1, activation=act, pooling="max")
+    conv = getattr(model, layer)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(0.3)
+    x, y = batch(16, seed=5)
+    grads = fused.FusedStep(model, LR)._gradients(x, y)
+    F.cross_entropy(model(x), y).backward()
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert conv.weight.grad.abs().sum() > 0  # the ties did carry a gradient
+
+
+def test_momentum_state_is_torch_sgds_both_ways(kernel):
+    """state_dict() loads into torch.optim.SGD and continues as the kernel does; and the
+    kernel continues from torch's state: a checkpoint resumes on either engine."""
+    opts = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model = book(activation="relu", pooling="max")
+    step = fused.FusedStep(model, 0.05, **opts)
+    assert step.state_dict()["state"] == {}  # torch's SGD has no buffers before a step
+    for i in range(3):
+        step.step(*batch(64, seed=i))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, **opts)
+    opt.load_state_dict(step.state_dict())
+    x, y = batch(64, seed=9)
+    step.step(x, y)
+    autograd_step(ref, opt, x, y)
+    assert_params_close(model, ref)
+    again = fused.FusedStep(model, 0.05, **opts)
+    again.load_state_dict(opt.state_dict())
+    x, y = batch(64, seed=10)
+    again.step(x, y)
+    autograd_step(ref, opt, x, y)
+    assert_params_close(model, ref)
+    with pytest.raises(ConfigError, match="does not fit"):
+        fused.FusedStep(book(), 0.1, momentum=0.9).load_state_dict(
+            {"state": {0: {"momentum_buffer": torch.zeros(3)}}})
+
+
+def test_interrupt_and_resume_of_the_modern_recipe_is_bit_identical(kernel):
+    """The trainer on the fused engine with momentum and a schedule: Ctrl-C mid-epoch and a
+    resume from the saved state end with exactly the uninterrupted weights."""
+    from lenet.train import Callback, Trainer, TrainingInterrupted
+
+    spec = TrainSpec(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True,
+                     weight_decay=5e-4, schedule="cosine", warmup=0.2, label_smoothing=0.1)
+    model_spec = replace(ModelSpec(), activation="relu", pooling="max")
+
+    def data():
+        x, y = batch(320, seed=3)
+        images = (x * 255).round().to(torch.uint8)[:, 0]
+        return Batches(images, y, 64), Batches(images[:100], y[:100], 100)
+
+    def run(callbacks=(), resume=None):
+        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine="fused")
+        if resume is not None:
+            trainer.restore(resume)
+        trainer.fit(models.init_model(model_spec, 0), *data())
+        return trainer
+
+    saved = {}
+
+    class StopAt(Callback):
+        def on_step(self, trainer, step):
+            if trainer.epoch == 1 and step == 2:
+                trainer.stop_requested = True
+
+        def on_interrupt(self, trainer):
+            saved.update(model={k: v.clone() for k, v in trainer.model.state_dict().items()},
+                         optimizer=trainer.optimizer.state_dict(),
+                         rng={"torch": torch.get_rng_state(),
+                              "generator": trainer.generator.get_state()},
+                         epoch=trainer.epoch, partial=trainer.partial,
+                         history=[m.as_dict() for m in trainer.history])
+
+    full = run()
+    with pytest.raises(TrainingInterrupted):
+        run([StopAt()])
+    assert saved["optimizer"]["state"]  # the momentum buffers are in the checkpoint
+    resumed = run(resume=saved)
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                 full.model.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("act, pool", KINDS[1:])
+def test_a_nan_weight_gives_a_nan_loss_with_every_variant(kernel, act, pool):
+    model = book(activation=act, pooling=pool)
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 2, 2] = float("nan")
+    loss, _ = fused.FusedStep(model, LR).step(*batch(8))
+    assert not torch.isfinite(loss)
+
+
 def test_a_nan_weight_gives_a_nan_loss(kernel):
     """The divergence guard needs non-finite weights to show as a non-finite loss."""
     model = book()
@@ -293,7 +442,8 @@ def test_evaluate_uses_the_kernels_forward_for_the_book_net_only(kernel):
     model = book()
     forward = fused.inference_forward(model, "cpu")
     assert forward is not None
-    assert fused.inference_forward(book(activation="relu"), "cpu") is None
+    assert fused.inference_forward(book(activation="relu", pooling="max"), "cpu") is not None
+    assert fused.inference_forward(book(activation="tanh"), "cpu") is None
     assert fused.inference_forward(model, torch.device("cuda")) is None
     x, y = batch(300)
     test = Batches((x * 255).round().to(torch.uint8)[:, 0], y, 128)

@@ -1,5 +1,7 @@
-"""The book's training step as one C++ call: forward, mean cross-entropy, backward and plain
-SGD for the sigmoid / average-pooling LeNet-5, fp32 on an AVX2+FMA CPU.
+"""The book's training step as one C++ call: forward, mean cross-entropy, backward and SGD for
+LeNet-5 with the book's shapes, fp32 on an AVX2+FMA CPU: sigmoid or ReLU, average or max
+pooling (exercise 1's "modern" LeNet), label smoothing, and torch.optim.SGD's momentum
+(plain or Nesterov) and weight decay; the learning rate may change every step (schedules).
 
 Why: on a few CPU cores PyTorch autograd spends most of a LeNet step on per-op overhead and
 on full-size passes over the conv1 activations; the fused step (csrc/fused_lenet.cpp) keeps
@@ -8,8 +10,8 @@ images, and is ~3x faster at batch 128 (benchmarks/step_speed.py).
 
     reason = supports(model_spec, train_spec, device)  # None: the kernel computes this recipe
     if reason is None and load() is not None:
-        fused = FusedStep(model, lr)                    # updates model's parameters in place
-        loss, right = fused.step(x, y)                  # one SGD step, metrics before it
+        fused = FusedStep.for_recipe(model, train_spec)  # updates the parameters in place
+        loss, right = fused.step(x, y, lr)             # one SGD step, metrics before it
         logits = fused.forward(x_test)
 
 Numerics (measured against nn.Sequential + F.cross_entropy + autograd on the same weights,
@@ -21,6 +23,8 @@ own fp32 (logits 3e-7 both, gradients 3e-8 both at batch 128): what differs is s
 order (per-chunk gradient sums, MKL blocking), not approximations; the sigmoid uses a ~1 ulp
 exp and a true division. One epoch of Fashion-MNIST (book preset, seed 0, same batch order)
 gives train loss 2.035091 and test accuracy 0.5814 on both paths, equal to 6 decimals.
+ReLU, max pooling, label smoothing, momentum and weight decay are checked the same way
+(tests/test_fused.py); max pooling sends a window's gradient to its first maximum, as torch.
 
 Determinism: with the same thread count, the same weights and batch give bitwise the same
 result. The conv gradients are summed per chunk of `block` images and the chunks are added
@@ -72,13 +76,7 @@ def supports(model_spec: ModelSpec, train_spec: TrainSpec,
     checks = [
         (kind != "cpu", f"device {kind}"),
         (t.optimizer != "sgd", f"optimizer {t.optimizer}"),
-        (t.momentum != 0, "momentum"),
-        (t.weight_decay != 0, "weight decay"),
-        (t.schedule != "constant" or t.warmup != 0, f"lr schedule {t.schedule}"),
-        (t.label_smoothing != 0, "label smoothing"),
-        (t.augment != "none", f"augment {t.augment}"),
-        (m.activation != "sigmoid", f"activation {m.activation}"),
-        (m.pooling != "avg", f"pooling {m.pooling}"),
+        (m.activation not in ("sigmoid", "relu"), f"activation {m.activation}"),
         (m.pool != 2, f"pool size {m.pool}"),
         (m.batch_norm, "batch norm"),
         (m.dropout != 0, "dropout"),
@@ -219,14 +217,20 @@ def _tools_on_path():
 # The step
 
 class FusedStep:
-    """Plain-SGD training steps of a book LeNet-5 built by `lenet.models.build`, one C++ call
-    each. The model's parameters are read afresh every call and updated in place (so
-    `load_state_dict` between steps is seen); their `.grad` is left untouched.
+    """SGD training steps of a LeNet-5 with the book's shapes built by `lenet.models.build`
+    (sigmoid or ReLU, average or max pooling: read from the model), one C++ call each. The
+    model's parameters are read afresh every call and updated in place (so `load_state_dict`
+    between steps is seen); their `.grad` is left untouched.
+
+    The update is torch.optim.SGD's (dampening 0) and `state_dict`/`load_state_dict` use its
+    format, so a checkpoint resumes on either engine.
 
     `block` (images per chunk) changes only the speed and the last bits of the gradients'
     summation order, never the result's meaning."""
 
-    def __init__(self, model: torch.nn.Sequential, lr: float, block: int = BLOCK):
+    def __init__(self, model: torch.nn.Sequential, lr: float, *, momentum: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0,
+                 label_smoothing: float = 0.0, block: int = BLOCK):
         problem = layout_problem(model)
         if problem:
             raise ConfigError(f"fused step: the model is not the book's LeNet-5 ({problem})")
@@ -235,38 +239,95 @@ class FusedStep:
             raise LenetError(f"fused step: the C++ kernel is not available: {why_unavailable()}")
         if not 1 <= block <= 4096:
             raise ConfigError(f"fused step: block: expected 1..4096 images, got {block}")
+        if nesterov and momentum <= 0:
+            raise ConfigError("fused step: Nesterov momentum needs momentum > 0")
         self.model = model
+        self.relu, self.max_pool = _kinds(model)
         self.lr = float(lr)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.weight_decay = float(weight_decay)
+        self.label_smoothing = float(label_smoothing)
         self.block = int(block)
         self._ext = ext
         # Buffers the kernel grows to the largest batch seen and reuses: activations kept
-        # for the backward, and the gradients (read by tests through `_gradients`).
+        # for the backward, the gradients (read by tests through `_gradients`) and the
+        # momentum buffers (empty until the first update: torch.optim.SGD starts them there).
         self._workspace = torch.empty(0)
         self._grads = torch.empty(0)
+        self._momentum_buf = torch.empty(0)
+        self._momentum_started = False
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on float32 images x (B, 1, 28, 28) and int64 labels y (B,), B >= 1.
-        Returns (mean loss, number of right argmax predictions) as 0-d tensors, both from the
-        forward pass before the update, as an autograd step would report them."""
-        return self._ext.train_step(x.contiguous(), y.contiguous(), self._params(), self._grads,
-                                    self._workspace, self.lr, self.block)
+    @classmethod
+    def for_recipe(cls, model: torch.nn.Sequential, spec: TrainSpec) -> FusedStep:
+        """The step for a TrainSpec that `supports` accepted."""
+        return cls(model, spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                   weight_decay=spec.weight_decay, label_smoothing=spec.label_smoothing)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on float32 images x (B, 1, 28, 28) and int64 labels y (B,), B >= 1,
+        at learning rate `lr` (default: the one given at construction). Returns (mean loss,
+        number of right argmax predictions) as 0-d tensors, both from the forward pass
+        before the update, as an autograd step would report them."""
+        out = self._call(x, y, update=True, lr=self.lr if lr is None else float(lr))
+        self._momentum_started = self.momentum != 0
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes) of the current parameters; no autograd graph."""
-        return self._ext.forward(x.contiguous(), self._params(), self.block)
+        return self._ext.forward(x.contiguous(), self._params(), self.relu, self.max_pool,
+                                 self.block)
+
+    def state_dict(self) -> dict:
+        """The optimizer state in torch.optim.SGD's format (momentum buffers per parameter)."""
+        params = self._params()
+        state = {}
+        if self._momentum_started:
+            for i, buf in enumerate(self._split(self._momentum_buf, params)):
+                state[i] = {"momentum_buffer": buf.clone()}
+        return {"state": state, "param_groups": [{
+            "lr": self.lr, "momentum": self.momentum, "dampening": 0,
+            "weight_decay": self.weight_decay, "nesterov": self.nesterov, "maximize": False,
+            "foreach": None, "differentiable": False, "fused": None,
+            "params": list(range(len(params)))}]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Momentum buffers from a state_dict of this class or of torch.optim.SGD."""
+        params = self._params()
+        state = saved.get("state", {})
+        bufs = [state.get(i, state.get(str(i), {})).get("momentum_buffer")
+                for i in range(len(params))]
+        if self.momentum == 0 or all(b is None for b in bufs):
+            self._momentum_started = False
+            return
+        if any(b is None or b.shape != p.shape for b, p in zip(bufs, params, strict=True)):
+            raise ConfigError("fused step: the saved optimizer state does not fit this model")
+        self._momentum_buf = torch.cat([b.detach().reshape(-1).float() for b in bufs])
+        self._momentum_started = True
+
+    def _call(self, x, y, *, update: bool, lr: float):
+        return self._ext.train_step(
+            x=x.contiguous(), y=y.contiguous(), params=self._params(), grads=self._grads,
+            workspace=self._workspace, momentum_buf=self._momentum_buf, relu=self.relu,
+            max_pool=self.max_pool, smoothing=self.label_smoothing, update=update, lr=lr,
+            momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
+            first=not self._momentum_started, block=self.block)
 
     def _params(self) -> list[torch.Tensor]:
         # Live tensors every call: a replaced parameter is seen. detach() shares storage,
         # so the kernel's in-place update reaches the model.
         return [p.detach() for p in self.model.parameters()]
 
+    @staticmethod
+    def _split(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [p.numel() for p in params]
+        return [t.view_as(p) for t, p in
+                zip(flat[:sum(sizes)].split(sizes), params, strict=True)]
+
     def _gradients(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradients of the mean loss at (x, y), parameters unchanged (for tests)."""
-        self._ext.train_step(x.contiguous(), y.contiguous(), self._params(), self._grads,
-                             self._workspace, 0.0, self.block)
-        params = self._params()
-        flat = self._grads[:sum(p.numel() for p in params)].split([p.numel() for p in params])
-        return [g.view_as(p).clone() for g, p in zip(flat, params, strict=True)]
+        self._call(x, y, update=False, lr=0.0)
+        return [g.clone() for g in self._split(self._grads, self._params())]
 
 
 def inference_forward(model: torch.nn.Module, device: torch.device | str):
@@ -278,17 +339,27 @@ def inference_forward(model: torch.nn.Module, device: torch.device | str):
     return FusedStep(model, 0.0).forward
 
 
-_LAYOUT = (torch.nn.Conv2d, torch.nn.Sigmoid, torch.nn.AvgPool2d, torch.nn.Conv2d,
-           torch.nn.Sigmoid, torch.nn.AvgPool2d, torch.nn.Flatten, torch.nn.Linear,
-           torch.nn.Sigmoid, torch.nn.Linear, torch.nn.Sigmoid, torch.nn.Linear)
+def _layout(act: type, pool: type) -> tuple[type, ...]:
+    conv, flat, fc = torch.nn.Conv2d, torch.nn.Flatten, torch.nn.Linear
+    return (conv, act, pool, conv, act, pool, flat, fc, act, fc, act, fc)
+
+
+# (relu, max pooling) for each layer sequence the kernel computes.
+_LAYOUTS = {_layout(act, pool): (act is torch.nn.ReLU, pool is torch.nn.MaxPool2d)
+            for act in (torch.nn.Sigmoid, torch.nn.ReLU)
+            for pool in (torch.nn.AvgPool2d, torch.nn.MaxPool2d)}
+
+
+def _kinds(model: torch.nn.Module) -> tuple[bool, bool]:
+    return _LAYOUTS[tuple(type(m) for m in model.children())]
 
 
 def layout_problem(model: torch.nn.Module) -> str | None:
-    """None when `model` is laid out as the book's LeNet-5 (what `lenet.models.build` makes
-    for such a spec), else what differs."""
+    """None when `model` is laid out as the book's LeNet-5, with sigmoid or ReLU and average
+    or max pooling (what `lenet.models.build` makes for such a spec), else what differs."""
     layers = list(model.children())
     kinds = tuple(type(m) for m in layers)
-    if kinds != _LAYOUT:
+    if kinds not in _LAYOUTS:
         return "layers " + ", ".join(k.__name__ for k in kinds)
     conv1, _, pool1, conv2, _, pool2, _, fc1, _, fc2, _, fc3 = layers
     for conv, (cin, cout, pad) in ((conv1, (1, 6, 2)), (conv2, (6, 16, 0))):
@@ -299,7 +370,10 @@ def layout_problem(model: torch.nn.Module) -> str | None:
             return f"a conv is not {cin}->{cout} 5x5 pad {pad} with bias"
     for pool in (pool1, pool2):
         if (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)) != \
-                ((2, 2), (2, 2), (0, 0)) or pool.ceil_mode or pool.divisor_override:
+                ((2, 2), (2, 2), (0, 0)) or pool.ceil_mode or \
+                getattr(pool, "divisor_override", None) or \
+                _pair(getattr(pool, "dilation", 1)) != (1, 1) or \
+                getattr(pool, "return_indices", False):
             return "a pooling layer is not 2x2 stride 2"
     widths = [(fc.in_features, fc.out_features) for fc in (fc1, fc2, fc3)]
     if widths[:2] != [(400, 120), (120, 84)] or widths[2][0] != 84:

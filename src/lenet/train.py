@@ -134,6 +134,7 @@ class Trainer:
             raise ConfigError("data-parallel training runs on PyTorch autograd, not the "
                               f"{engine} engine")
         self.model: torch.nn.Module | None = None
+        # torch.optim, or the FusedStep (which keeps torch.optim.SGD's state, in its format)
         self.optimizer: torch.optim.Optimizer | None = None
         # Shuffling has its own generator: its state alone replays the batch order.
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
@@ -160,9 +161,10 @@ class Trainer:
         if self.engine == "fused":
             from lenet.fused import FusedStep
 
-            # The kernel does the (stateless, plain-SGD) update itself; building a
-            # torch.optim optimizer anyway would cost ~2 s of torch._dynamo import.
-            self.fused = FusedStep(model, self.spec.lr)
+            # The kernel does torch.optim.SGD's update itself (and saves its state in the
+            # same format); building a torch.optim optimizer anyway would cost ~2 s of
+            # torch._dynamo import.
+            self.fused = self.optimizer = FusedStep.for_recipe(model, self.spec)
         else:
             if self.device.type == "cpu" and channels_last_pays(model):
                 model.to(memory_format=torch.channels_last)
@@ -204,13 +206,15 @@ class Trainer:
         scheduled = self.spec.schedule != "constant" or self.spec.warmup > 0
         world = self.dist.world if self.dist is not None else 1
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
+            lr = self.spec.lr
+            if scheduled:
+                lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
+                           self.spec.epochs * len(train))
             if self.fused is not None:  # forward, loss, backward and update in one call
-                loss, right = self.fused.step(x, y)
+                loss, right = self.fused.step(x, y, lr)
                 loss_total = loss.detach() * len(y)
             else:
                 if scheduled:
-                    lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
-                               self.spec.epochs * len(train))
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                 logits = self.step_model(x)
@@ -258,7 +262,7 @@ class Trainer:
 
     def _apply_resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        if self.optimizer is not None and state["optimizer"]:  # {} from the fused path
+        if self.optimizer is not None and state["optimizer"]:  # {}: an older fused run
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])

@@ -1,5 +1,6 @@
-// The book's LeNet-5 training step (forward, mean cross-entropy, backward, plain SGD) in one
-// call, fp32 on the CPU. Built and documented by lenet/fused.py; see its docstring for the
+// The book's LeNet-5 training step (forward, mean cross-entropy, backward, SGD) in one call,
+// fp32 on the CPU: sigmoid or ReLU, average or max pooling (exercise 1's "modern" LeNet), label
+// smoothing, momentum (plain or Nesterov) and weight decay as torch.optim.SGD computes them. Built and documented by lenet/fused.py; see its docstring for the
 // numbers this file is checked against.
 //
 // Why one call: at batch 128 on a few cores PyTorch autograd spends most of a step on per-op
@@ -8,9 +9,11 @@
 // allocated per step.
 //
 // Layout (all fp32, row-major):
-//   conv1 1->6 5x5 pad 2 (direct AVX2), sigmoid, avgpool 2 -> P1 [6][14][14]
-//   conv2 6->16 5x5 (im2col + sgemm, channel-major (150, chunk*100)), sigmoid, avgpool 2
-//   flatten -> F [400], fc 400->120->84 (sigmoid) -> C logits, all as sgemm on the batch.
+//   conv1 1->6 5x5 pad 2 (direct AVX2), act, pool 2 -> P1 [6][14][14]
+//   conv2 6->16 5x5 (im2col + sgemm, channel-major (150, chunk*100)), act, pool 2
+//   flatten -> F [400], fc 400->120->84 (act) -> C logits, all as sgemm on the batch.
+// The activation and the pooling are template parameters (Relu, Max), so the hot loops carry
+// no per-element branches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -89,6 +92,52 @@ inline __m256 sigmoid8(__m256 x) {
 
 inline float sigmoid1(float x) { return 1.f / (1.f + std::exp(-x)); }
 
+// The activation, and its derivative from the activation's output (what is saved):
+// sigmoid' = a (1 - a); relu' = 1 where a > 0, else 0, as torch's threshold_backward. ReLU as
+// max(0, x) with x second, so a NaN passes through as in torch.relu.
+template <bool Relu>
+inline __m256 act8(__m256 x) {
+  return Relu ? _mm256_max_ps(_mm256_setzero_ps(), x) : sigmoid8(x);
+}
+template <bool Relu>
+inline float act1(float x) {
+  return Relu ? (std::isnan(x) ? x : std::max(0.f, x)) : sigmoid1(x);
+}
+template <bool Relu>
+inline __m256 act_grad8(__m256 a) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return Relu ? _mm256_and_ps(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ), one)
+              : _mm256_mul_ps(a, _mm256_sub_ps(one, a));
+}
+template <bool Relu>
+inline float act_grad1(float a) {
+  return Relu ? (a > 0.f ? 1.f : 0.f) : a * (1.f - a);
+}
+
+// Max pooling's choice in a 2x2 window given in torch's scan order: the first maximum, a NaN
+// counting as the maximum (torch's max_pool2d rule); its index 0..3.
+inline int argmax4(float v0, float v1, float v2, float v3) {
+  const float v[4] = {v0, v1, v2, v3};
+  int best = 0;
+  for (int k = 1; k < 4; k++)
+    if (v[k] > v[best] || (std::isnan(v[k]) && !std::isnan(v[best]))) best = k;
+  return best;
+}
+
+// A 2x2 window's pooled value: the mean (avg) or the maximum chosen by argmax4 (max).
+template <bool Max>
+inline float pool4(float v0, float v1, float v2, float v3) {
+  if (!Max) return 0.25f * ((v0 + v1) + (v2 + v3));
+  const float v[4] = {v0, v1, v2, v3};
+  return v[argmax4(v0, v1, v2, v3)];
+}
+
+// Elementwise max that keeps a NaN from either side (max_ps alone returns its second operand
+// when either is NaN): a diverged run shows a NaN loss rather than a finite one.
+inline __m256 nanmax8(__m256 a, __m256 b) {
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -126,6 +175,7 @@ void pad_image(const float* x, float* xp) {
 }
 
 // 12 accumulators (6 channels x 16 columns) fit the 16 ymm registers with room for the input.
+template <bool Relu>
 void conv1_forward(const float* xp, const float* w, const float* b, float* a1) {
   for (int i = 0; i < 28; i++)
     for (int h = 0; h < 2; h++) {
@@ -143,20 +193,45 @@ void conv1_forward(const float* xp, const float* w, const float* b, float* a1) {
         }
       for (int c = 0; c < 6; c++) {
         float* o = a1 + c * 28 * AW + i * AW + h * 16;
-        _mm256_storeu_ps(o, sigmoid8(acc[c][0]));
-        _mm256_storeu_ps(o + 8, sigmoid8(acc[c][1]));
+        _mm256_storeu_ps(o, act8<Relu>(acc[c][0]));
+        _mm256_storeu_ps(o + 8, act8<Relu>(acc[c][1]));
       }
     }
 }
 
+// 16 columns of one row -> their 8 column pairs combined by `op`, in order.
+template <typename Op>
+inline __m256 pairs16(const float* r, Op op) {
+  const __m256 v0 = _mm256_loadu_ps(r), v1 = _mm256_loadu_ps(r + 8);
+  const __m256 even = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256 odd = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(op(even, odd)), 0xD8));
+}
+
+// Vectorised, 8 windows at a time, in the scalar pool4's order of operations (each row's
+// pair first, then the two rows), so the result does not depend on the vector width.
+template <bool Max>
 void pool1_forward(const float* a1, float* p1) {
+  const __m256i six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+  const __m256 quarter = _mm256_set1_ps(0.25f);
+  const auto max = [](__m256 a, __m256 b) { return nanmax8(a, b); };
+  const auto add = [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); };
   for (int c = 0; c < 6; c++)
     for (int i = 0; i < 14; i++) {
       const float* r0 = a1 + c * 28 * AW + 2 * i * AW;
       const float* r1 = r0 + AW;
       float* o = p1 + c * 196 + i * 14;
-      for (int j = 0; j < 14; j++)
-        o[j] = 0.25f * ((r0[2 * j] + r0[2 * j + 1]) + (r1[2 * j] + r1[2 * j + 1]));
+      for (int h = 0; h < 2; h++) {
+        __m256 m;
+        if (Max) {
+          m = nanmax8(pairs16(r0 + 16 * h, max), pairs16(r1 + 16 * h, max));
+        } else {
+          m = _mm256_mul_ps(quarter, _mm256_add_ps(pairs16(r0 + 16 * h, add),
+                                                   pairs16(r1 + 16 * h, add)));
+        }
+        if (h == 0) _mm256_storeu_ps(o, m);
+        else _mm256_maskstore_ps(o + 8, six, m);  // columns 28..31 are padding
+      }
     }
 }
 
@@ -193,7 +268,8 @@ void col2im(const float* cols, int bs, int ld, float* dp1) {
   }
 }
 
-// In place on z2 (16, bs*100): add bias, sigmoid; then pool2 into the features F (bs, 400).
+// In place on z2 (16, bs*100): add bias, activation; then pool2 into the features F (bs, 400).
+template <bool Relu, bool Max>
 void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* F) {
   const int ld = bs * 100;
   for (int c = 0; c < 16; c++) {
@@ -201,21 +277,22 @@ void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* 
     const __m256 bv = _mm256_set1_ps(b2[c]);
     int k = 0;
     for (; k + 8 <= ld; k += 8)
-      _mm256_storeu_ps(zr + k, sigmoid8(_mm256_add_ps(_mm256_loadu_ps(zr + k), bv)));
-    for (; k < ld; k++) zr[k] = sigmoid1(zr[k] + b2[c]);
+      _mm256_storeu_ps(zr + k, act8<Relu>(_mm256_add_ps(_mm256_loadu_ps(zr + k), bv)));
+    for (; k < ld; k++) zr[k] = act1<Relu>(zr[k] + b2[c]);
     for (int nb = 0; nb < bs; nb++) {
       const float* a = zr + nb * 100;
       if (a2_saved) std::memcpy(a2_saved + nb * kA2 + c * 100, a, 100 * 4);
       float* f = F + nb * kFeat + c * 25;
       for (int i = 0; i < 5; i++)
         for (int j = 0; j < 5; j++)
-          f[i * 5 + j] = 0.25f * ((a[2 * i * 10 + 2 * j] + a[2 * i * 10 + 2 * j + 1]) +
-                                  (a[(2 * i + 1) * 10 + 2 * j] + a[(2 * i + 1) * 10 + 2 * j + 1]));
+          f[i * 5 + j] = pool4<Max>(a[2 * i * 10 + 2 * j], a[2 * i * 10 + 2 * j + 1],
+                                    a[(2 * i + 1) * 10 + 2 * j], a[(2 * i + 1) * 10 + 2 * j + 1]);
     }
   }
 }
 
 // Features F (N, 400) of every image; with `saved`, also what the backward needs.
+template <bool Relu, bool Max>
 void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Saved* saved,
                   int block) {
   const int64_t chunks = (N + block - 1) / block;
@@ -232,13 +309,13 @@ void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Sa
       for (int nb = 0; nb < bs; nb++) {
         float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : a1_tmp;
         pad_image(x + (n0 + nb) * kImgPixels, xp);
-        conv1_forward(xp, p.w1, p.b1, a1);
-        pool1_forward(a1, p1 + nb * kP1);
+        conv1_forward<Relu>(xp, p.w1, p.b1, a1);
+        pool1_forward<Max>(a1, p1 + nb * kP1);
       }
       const int ld = bs * 100;
       im2col(p1, bs, cols, ld);
       gemm(false, false, 16, ld, kCols, 1.f, p.w2, kCols, cols, ld, 0.f, z2, ld);
-      conv2_epilogue(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr, F + n0 * kFeat);
+      conv2_epilogue<Relu, Max>(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr, F + n0 * kFeat);
     }
   });
 }
@@ -247,8 +324,10 @@ void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Sa
 // Conv backward, per chunk. Each chunk writes its own partial gradient; they are summed in
 // chunk order afterwards, so the result never depends on which thread ran which chunk.
 
-// dZ2 (16, bs*100) = upsampled dF / 4 * sigmoid'; also the chunk's conv2 bias gradient.
-void pool2_sigmoid_backward(const float* dF, const float* A2, int bs, float* dz2, float* db2) {
+// dZ2 (16, bs*100) = dF spread back over each 2x2 window (a quarter to each position, or all
+// to the maximum) times act'; also the chunk's conv2 bias gradient.
+template <bool Relu, bool Max>
+void pool2_act_backward(const float* dF, const float* A2, int bs, float* dz2, float* db2) {
   const int ld = bs * 100;
   for (int c = 0; c < 16; c++) {
     float s = 0.f;
@@ -256,11 +335,23 @@ void pool2_sigmoid_backward(const float* dF, const float* A2, int bs, float* dz2
       const float* a = A2 + nb * kA2 + c * 100;
       const float* g = dF + nb * kFeat + c * 25;
       float* d = dz2 + c * ld + nb * 100;
-      for (int i = 0; i < 10; i++)
-        for (int j = 0; j < 10; j++) {
-          const float av = a[i * 10 + j];
-          const float v = 0.25f * g[(i >> 1) * 5 + (j >> 1)] * av * (1.f - av);
-          d[i * 10 + j] = v;
+      if (!Max) {
+        for (int i = 0; i < 10; i++)
+          for (int j = 0; j < 10; j++) {
+            const float v = 0.25f * g[(i >> 1) * 5 + (j >> 1)] * act_grad1<Relu>(a[i * 10 + j]);
+            d[i * 10 + j] = v;
+            s += v;
+          }
+        continue;
+      }
+      std::memset(d, 0, 100 * sizeof(float));
+      for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 5; j++) {
+          const int at[4] = {2 * i * 10 + 2 * j, 2 * i * 10 + 2 * j + 1,
+                             (2 * i + 1) * 10 + 2 * j, (2 * i + 1) * 10 + 2 * j + 1};
+          const int k = at[argmax4(a[at[0]], a[at[1]], a[at[2]], a[at[3]])];
+          const float v = g[i * 5 + j] * act_grad1<Relu>(a[k]);
+          d[k] = v;
           s += v;
         }
     }
@@ -268,12 +359,50 @@ void pool2_sigmoid_backward(const float* dF, const float* A2, int bs, float* dz2
   }
 }
 
-// dZ1 (6, 28, AW) of one image = upsampled dP1 / 4 * sigmoid'; the 4 padding lanes of each
-// row are zeroed so conv1's weight gradient can use whole 8-wide loads.
-void pool1_sigmoid_backward(const float* a1, const float* dp1, float* dz1, __m256* db1) {
+// dZ1 (6, 28, AW) of one image = dP1 spread back over each 2x2 window, times act'; the 4
+// padding lanes of each row are zero so conv1's weight gradient can use whole 8-wide loads.
+template <bool Relu, bool Max>
+void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* db1) {
   const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
   const __m256 keep4 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
-  const __m256 quarter = _mm256_set1_ps(0.25f), one = _mm256_set1_ps(1.f);
+  if (Max) {
+    // Each lane pair is one window's two columns; the gradient goes to the window's first
+    // maximum in torch's scan order (row 0 left, right; row 1 left, right). A NaN window
+    // matches nothing and gets no gradient.
+    const __m256 odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    for (int c = 0; c < 6; c++)
+      for (int i = 0; i < 14; i++) {
+        const float* r0 = a1 + c * 28 * AW + 2 * i * AW;
+        const float* r1 = r0 + AW;
+        const float* gr = dp1 + c * 196 + i * 14;
+        float* d0 = dz1 + c * 28 * AW + 2 * i * AW;
+        float* d1 = d0 + AW;
+        for (int v = 0; v < 4; v++) {
+          const __m256 a0 = _mm256_loadu_ps(r0 + 8 * v), a1v = _mm256_loadu_ps(r1 + 8 * v);
+          const __m256 top = _mm256_max_ps(a0, _mm256_permute_ps(a0, 0xB1));
+          const __m256 bottom = _mm256_max_ps(a1v, _mm256_permute_ps(a1v, 0xB1));
+          const __m256 m = _mm256_max_ps(top, bottom);
+          const __m256 eq0 = _mm256_cmp_ps(a0, m, _CMP_EQ_OQ);
+          const __m256 eq0_pair = _mm256_permute_ps(eq0, 0xB1);
+          const __m256 eq1 = _mm256_cmp_ps(a1v, m, _CMP_EQ_OQ);
+          const __m256 sel0 = _mm256_andnot_ps(_mm256_and_ps(odd, eq0_pair), eq0);
+          const __m256 sel1 = _mm256_andnot_ps(
+              _mm256_or_ps(_mm256_or_ps(eq0, eq0_pair),
+                           _mm256_and_ps(odd, _mm256_permute_ps(eq1, 0xB1))),
+              eq1);
+          const __m256 g8 =
+              _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(gr + 4 * v)), dup);
+          __m256 g0 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a0)), sel0);
+          __m256 g1 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a1v)), sel1);
+          if (v == 3) g0 = _mm256_and_ps(g0, keep4), g1 = _mm256_and_ps(g1, keep4);
+          _mm256_storeu_ps(d0 + 8 * v, g0);
+          _mm256_storeu_ps(d1 + 8 * v, g1);
+          db1[c] = _mm256_add_ps(db1[c], _mm256_add_ps(g0, g1));
+        }
+      }
+    return;
+  }
+  const __m256 quarter = _mm256_set1_ps(0.25f);
   for (int c = 0; c < 6; c++)
     for (int i = 0; i < 28; i++) {
       const float* ar = a1 + c * 28 * AW + i * AW;
@@ -283,8 +412,7 @@ void pool1_sigmoid_backward(const float* a1, const float* dp1, float* dz1, __m25
         const __m256 g8 =
             _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(gr + 4 * v)), dup);
         const __m256 av = _mm256_loadu_ps(ar + 8 * v);
-        __m256 d = _mm256_mul_ps(_mm256_mul_ps(quarter, g8),
-                                 _mm256_mul_ps(av, _mm256_sub_ps(one, av)));
+        __m256 d = _mm256_mul_ps(_mm256_mul_ps(quarter, g8), act_grad8<Relu>(av));
         if (v == 3) d = _mm256_and_ps(d, keep4);
         _mm256_storeu_ps(dr + 8 * v, d);
         db1[c] = _mm256_add_ps(db1[c], d);
@@ -315,6 +443,7 @@ void conv1_weight_backward(const float* xp, const float* dz1, __m256* dw1) {
 }
 
 // The conv gradients of images [n0, n0+bs) into `part` (kConvGrads floats, overwritten).
+template <bool Relu, bool Max>
 void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, const Saved& sv,
                          const float* w2, int block, float* part) {
   float* dw1 = part;
@@ -329,7 +458,7 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
   float* dcols = scratch(5, (size_t)kCols * block * 100);
   const int ld = bs * 100;
 
-  pool2_sigmoid_backward(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
+  pool2_act_backward<Relu, Max>(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
   // Recomputing im2col is cheaper than keeping 150 x 100 floats per image around.
   im2col(sv.P1 + n0 * kP1, bs, cols, ld);
   gemm(false, true, 16, kCols, ld, 1.f, dz2, ld, cols, ld, 0.f, dw2, kCols);
@@ -340,7 +469,7 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
   for (auto& v : w1acc) v = _mm256_setzero_ps();
   for (auto& v : b1acc) v = _mm256_setzero_ps();
   for (int nb = 0; nb < bs; nb++) {
-    pool1_sigmoid_backward(sv.A1 + (n0 + nb) * kA1, dp1 + nb * kP1, dz1, b1acc);
+    pool1_act_backward<Relu, Max>(sv.A1 + (n0 + nb) * kA1, dp1 + nb * kP1, dz1, b1acc);
     pad_image(x + (n0 + nb) * kImgPixels, xp);
     conv1_weight_backward(xp, dz1, w1acc);
   }
@@ -348,6 +477,7 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
   for (int c = 0; c < kB1; c++) db1[c] = hsum8(b1acc[c]);
 }
 
+template <bool Relu, bool Max>
 void conv_backward(const float* x, int64_t N, const float* dF, const Saved& sv, const float* w2,
                    int block, float* grads) {
   const int64_t chunks = (N + block - 1) / block;
@@ -356,7 +486,8 @@ void conv_backward(const float* x, int64_t N, const float* dF, const Saved& sv, 
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * block;
       const int bs = (int)std::min<int64_t>(block, N - n0);
-      conv_backward_chunk(x, n0, bs, dF, sv, w2, block, parts.data() + ch * kConvGrads);
+      conv_backward_chunk<Relu, Max>(x, n0, bs, dF, sv, w2, block,
+                                     parts.data() + ch * kConvGrads);
     }
   });
   std::memcpy(grads, parts.data(), kConvGrads * 4);
@@ -369,24 +500,26 @@ void conv_backward(const float* x, int64_t N, const float* dF, const Saved& sv, 
 // ---------------------------------------------------------------------------------------------
 // Dense layers on the whole batch
 
-void add_bias_sigmoid(float* o, int64_t rows, int width, const float* b) {
+template <bool Relu>
+void add_bias_act(float* o, int64_t rows, int width, const float* b) {
   for (int64_t r = 0; r < rows; r++) {
     float* p = o + r * width;
     int k = 0;
     for (; k + 8 <= width; k += 8) {
       const __m256 z = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(b + k));
-      _mm256_storeu_ps(p + k, sigmoid8(z));
+      _mm256_storeu_ps(p + k, act8<Relu>(z));
     }
-    for (; k < width; k++) p[k] = sigmoid1(p[k] + b[k]);
+    for (; k < width; k++) p[k] = act1<Relu>(p[k] + b[k]);
   }
 }
 
+template <bool Relu>
 void dense_forward(int n, const Params& p, const float* F, float* H3, float* H4, float* L) {
   const int C = p.classes;
   gemm(false, true, n, kH3, kFeat, 1.f, F, kFeat, p.w3, kFeat, 0.f, H3, kH3);
-  add_bias_sigmoid(H3, n, kH3, p.b3);
+  add_bias_act<Relu>(H3, n, kH3, p.b3);
   gemm(false, true, n, kH4, kH3, 1.f, H3, kH3, p.w4, kH3, 0.f, H4, kH4);
-  add_bias_sigmoid(H4, n, kH4, p.b4);
+  add_bias_act<Relu>(H4, n, kH4, p.b4);
   gemm(false, true, n, C, kH4, 1.f, H4, kH4, p.w5, kH4, 0.f, L, C);
   for (int64_t r = 0; r < n; r++)
     for (int k = 0; k < C; k++) L[r * C + k] += p.b5[k];
@@ -401,11 +534,15 @@ int argmax_row(const float* l, int C) {
 }
 
 // Mean cross-entropy and the count of right argmax predictions; the logits are replaced by
-// d(loss)/d(logits) = (softmax - onehot) / N.
-std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int64_t N, int C) {
+// d(loss)/d(logits) = (softmax - target) / N. With label smoothing eps, as torch's
+// cross_entropy: loss = (1 - eps) (-log p_t) + eps/C sum_k (-log p_k), target = (1 - eps)
+// onehot + eps/C.
+std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int64_t N, int C,
+                                                 float eps) {
   double loss = 0;
   int64_t right = 0;
   const float invN = 1.f / (float)N;
+  const float spread = eps / (float)C * invN, hit = (1.f - eps) * invN;
   for (int64_t r = 0; r < N; r++) {
     float* l = L + r * C;
     const int64_t t = y[r];
@@ -414,10 +551,17 @@ std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int
     for (int k = 1; k < C; k++) m = std::max(m, l[k]);
     float s = 0;
     for (int k = 0; k < C; k++) s += std::exp(l[k] - m);
-    loss += (double)(m + std::log(s) - l[t]);
+    const float lse = m + std::log(s);
+    if (eps == 0.f) {
+      loss += (double)(lse - l[t]);
+    } else {
+      float sum = 0;
+      for (int k = 0; k < C; k++) sum += l[k];
+      loss += (1.0 - eps) * (double)(lse - l[t]) + eps / (double)C * ((double)C * lse - sum);
+    }
     const float scale = invN / s;
-    for (int k = 0; k < C; k++) l[k] = std::exp(l[k] - m) * scale;
-    l[t] -= invN;
+    for (int k = 0; k < C; k++) l[k] = std::exp(l[k] - m) * scale - spread;
+    l[t] -= hit;
   }
   return {loss / (double)N, right};
 }
@@ -428,8 +572,9 @@ void column_sums(const float* g, int64_t rows, int width, float* out) {
     for (int k = 0; k < width; k++) out[k] += g[r * width + k];
 }
 
-void times_sigmoid_grad(float* g, const float* h, int64_t n) {
-  for (int64_t i = 0; i < n; i++) g[i] *= h[i] * (1.f - h[i]);
+template <bool Relu>
+void times_act_grad(float* g, const float* h, int64_t n) {
+  for (int64_t i = 0; i < n; i++) g[i] *= act_grad1<Relu>(h[i]);
 }
 
 // Gradient pointers in parameter order, carved from one flat buffer.
@@ -452,17 +597,18 @@ Grads carve_grads(float* g, int C) {
 int64_t num_grads(int C) { return kConvGrads + kH3 * kFeat + kH3 + kH4 * kH3 + kH4 + C * kH4 + C; }
 
 // dL (n, C) back to dF (n, 400): dense gradients into g; G4, G3 are scratch.
+template <bool Relu>
 void dense_backward(int n, const Params& p, const Saved& sv, const Grads& g, float* G4, float* G3,
                     float* dF) {
   const int C = p.classes;
   gemm(true, false, C, kH4, n, 1.f, sv.L, C, sv.H4, kH4, 0.f, g.w5, kH4);
   column_sums(sv.L, n, C, g.b5);
   gemm(false, false, n, kH4, C, 1.f, sv.L, C, p.w5, kH4, 0.f, G4, kH4);
-  times_sigmoid_grad(G4, sv.H4, (int64_t)n * kH4);
+  times_act_grad<Relu>(G4, sv.H4, (int64_t)n * kH4);
   gemm(true, false, kH4, kH3, n, 1.f, G4, kH4, sv.H3, kH3, 0.f, g.w4, kH3);
   column_sums(G4, n, kH4, g.b4);
   gemm(false, false, n, kH3, kH4, 1.f, G4, kH4, p.w4, kH3, 0.f, G3, kH3);
-  times_sigmoid_grad(G3, sv.H3, (int64_t)n * kH3);
+  times_act_grad<Relu>(G3, sv.H3, (int64_t)n * kH3);
   gemm(true, false, kH3, kFeat, n, 1.f, G3, kH3, sv.F, kFeat, 0.f, g.w3, kFeat);
   column_sums(G3, n, kH3, g.b3);
   gemm(false, false, n, kFeat, kH3, 1.f, G3, kH3, p.w3, kFeat, 0.f, dF, kFeat);
@@ -521,25 +667,64 @@ float* ensure(torch::Tensor& t, int64_t n) {
   return t.data_ptr<float>();
 }
 
-void sgd_update(const std::vector<torch::Tensor>& P, const float* g, float lr) {
+// torch.optim.SGD's update (dampening 0), element by element: d = g + wd p; with momentum
+// buf = d on the first step, else momentum buf + d, and d = d + momentum buf (Nesterov) or
+// buf; then p -= lr d.
+struct Sgd {
+  float lr, momentum, weight_decay;
+  bool nesterov, first;
+  float* buf;  // momentum buffers in gradient order (unused without momentum)
+};
+
+void sgd_update(const std::vector<torch::Tensor>& P, const float* g, const Sgd& o) {
+  float* b = o.buf;
   for (const auto& t : P) {
     float* p = t.data_ptr<float>();
     const int64_t m = t.numel();
-    for (int64_t i = 0; i < m; i++) p[i] -= lr * g[i];
+    if (o.momentum == 0.f && o.weight_decay == 0.f) {  // the book's: plain SGD
+      for (int64_t i = 0; i < m; i++) p[i] -= o.lr * g[i];
+    } else {
+      for (int64_t i = 0; i < m; i++) {
+        float d = g[i];
+        if (o.weight_decay != 0.f) d += o.weight_decay * p[i];
+        if (o.momentum != 0.f) {
+          b[i] = o.first ? d : o.momentum * b[i] + d;
+          d = o.nesterov ? d + o.momentum * b[i] : b[i];
+        }
+        p[i] -= o.lr * d;
+      }
+      b += m;
+    }
     g += m;
   }
 }
 
 }  // namespace
 
+template <bool Relu, bool Max>
+std::pair<double, int64_t> step_impl(const float* x, const int64_t* y, int64_t N,
+                                     const Params& p, const Saved& sv, float* G3, float* G4,
+                                     float* dF, float* g, float eps, int block) {
+  const int n = (int)N;
+  conv_forward<Relu, Max>(x, N, p, sv.F, &sv, block);
+  dense_forward<Relu>(n, p, sv.F, sv.H3, sv.H4, sv.L);
+  const auto result = softmax_cross_entropy(sv.L, y, N, p.classes, eps);
+  dense_backward<Relu>(n, p, sv, carve_grads(g, p.classes), G4, G3, dF);
+  conv_backward<Relu, Max>(x, N, dF, sv, p.w2, block, g);
+  return result;
+}
+
 // One SGD step on (x, y); returns (mean loss, number right) from the forward before the
-// update. `grads` and `ws` are caller-held buffers, grown here as needed. With lr == 0 the
-// parameters are left alone and `grads` holds the gradients (for tests).
-std::tuple<torch::Tensor, torch::Tensor> train_step(torch::Tensor x, torch::Tensor y,
-                                                    std::vector<torch::Tensor> P,
-                                                    torch::Tensor grads, torch::Tensor ws,
-                                                    double lr, int64_t block) {
+// update. `grads`, `ws` and `momentum_buf` are caller-held buffers, grown here as needed
+// (momentum_buf holds the momentum buffers between steps; `first` says it is not yet set).
+// Without `update` the parameters are left alone and `grads` holds the gradients (for tests).
+std::tuple<torch::Tensor, torch::Tensor> train_step(
+    torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> P, torch::Tensor grads,
+    torch::Tensor ws, torch::Tensor momentum_buf, bool relu, bool max_pool, double smoothing,
+    bool update, double lr, double momentum, bool nesterov, double weight_decay, bool first,
+    int64_t block) {
   TORCH_CHECK(block >= 1 && block <= 4096, "fused LeNet: block must be in 1..4096");
+  TORCH_CHECK(smoothing >= 0 && smoothing <= 1, "fused LeNet: smoothing must be in [0, 1]");
   const Params p = check_params(P);
   const int64_t N = check_images(x);
   const int C = p.classes;
@@ -558,32 +743,48 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(torch::Tensor x, torch::Tens
   float* G4 = w; w += N * kH4;
   float* dF = w;
   float* g = ensure(grads, num_grads(C));
-  const int n = (int)N;
+  float* buf = momentum != 0.0 ? ensure(momentum_buf, num_grads(C)) : nullptr;
 
-  conv_forward(x.data_ptr<float>(), N, p, sv.F, &sv, (int)block);
-  dense_forward(n, p, sv.F, sv.H3, sv.H4, sv.L);
-  const auto [loss, right] = softmax_cross_entropy(sv.L, y.data_ptr<int64_t>(), N, C);
-  dense_backward(n, p, sv, carve_grads(g, C), G4, G3, dF);
-  conv_backward(x.data_ptr<float>(), N, dF, sv, p.w2, (int)block, g);
-  if (lr != 0.0) sgd_update(P, g, (float)lr);
+  auto* step = relu ? (max_pool ? step_impl<true, true> : step_impl<true, false>)
+                    : (max_pool ? step_impl<false, true> : step_impl<false, false>);
+  const auto [loss, right] = step(x.data_ptr<float>(), y.data_ptr<int64_t>(), N, p, sv, G3, G4,
+                                  dF, g, (float)smoothing, (int)block);
+  if (update)
+    sgd_update(P, g, {(float)lr, (float)momentum, (float)weight_decay, nesterov, first, buf});
   return {torch::scalar_tensor(loss, torch::kFloat), torch::scalar_tensor(right, torch::kLong)};
 }
 
 // Logits (B, C) of the network, nothing saved for a backward.
-torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, int64_t block) {
+torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, bool relu, bool max_pool,
+                      int64_t block) {
   TORCH_CHECK(block >= 1 && block <= 4096, "fused LeNet: block must be in 1..4096");
   const Params p = check_params(P);
   const int64_t N = check_images(x);
   auto opt = x.options();
   auto F = torch::empty({N, kFeat}, opt), H3 = torch::empty({N, kH3}, opt),
        H4 = torch::empty({N, kH4}, opt), L = torch::empty({N, p.classes}, opt);
-  conv_forward(x.data_ptr<float>(), N, p, F.data_ptr<float>(), nullptr, (int)block);
-  dense_forward((int)N, p, F.data_ptr<float>(), H3.data_ptr<float>(), H4.data_ptr<float>(),
-                L.data_ptr<float>());
+  float *f = F.data_ptr<float>(), *h3 = H3.data_ptr<float>(), *h4 = H4.data_ptr<float>(),
+        *l = L.data_ptr<float>();
+  const float* xd = x.data_ptr<float>();
+  if (relu) {
+    max_pool ? conv_forward<true, true>(xd, N, p, f, nullptr, (int)block)
+             : conv_forward<true, false>(xd, N, p, f, nullptr, (int)block);
+    dense_forward<true>((int)N, p, f, h3, h4, l);
+  } else {
+    max_pool ? conv_forward<false, true>(xd, N, p, f, nullptr, (int)block)
+             : conv_forward<false, false>(xd, N, p, f, nullptr, (int)block);
+    dense_forward<false>((int)N, p, f, h3, h4, l);
+  }
   return L;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("train_step", &train_step, "one fused SGD step of the book LeNet-5");
-  m.def("forward", &forward, "logits of the book LeNet-5");
+  namespace py = pybind11;
+  m.def("train_step", &train_step, "one fused SGD step of the book LeNet-5", py::arg("x"),
+        py::arg("y"), py::arg("params"), py::arg("grads"), py::arg("workspace"),
+        py::arg("momentum_buf"), py::arg("relu"), py::arg("max_pool"), py::arg("smoothing"),
+        py::arg("update"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("first"), py::arg("block"));
+  m.def("forward", &forward, "logits of the book LeNet-5", py::arg("x"), py::arg("params"),
+        py::arg("relu"), py::arg("max_pool"), py::arg("block"));
 }
