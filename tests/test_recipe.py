@@ -1,4 +1,6 @@
 """Beyond the book's recipe: lr schedules, Nesterov, label smoothing, augmentation, `fast`."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,21 +42,27 @@ def test_bad_recipe_values_are_one_line_errors(changes, words):
         TrainSpec(**changes)
 
 
-def test_fused_kernel_declines_what_it_does_not_compute():
-    book = PRESETS["book"]
-    assert fused.supports(book.model, book.train, "cpu") is None
-    for changes, why in [({"schedule": "cosine"}, "lr schedule"),
-                         ({"label_smoothing": 0.1}, "label smoothing"),
-                         ({"augment": "flip"}, "augment flip")]:
-        cfg = override(book, "train", **changes)
+def test_fused_kernel_computes_the_recipes_and_declines_the_rest():
+    for name in ("book", "book-1.0", "modern", "fast"):
+        cfg = PRESETS[name]
+        assert fused.supports(cfg.model, cfg.train, "cpu") is None, name
+    for cfg in (override(PRESETS["book"], "train", schedule="cosine", label_smoothing=0.1,
+                         augment="flip+shift", momentum=0.9, weight_decay=1e-4),):
+        assert fused.supports(cfg.model, cfg.train, "cpu") is None
+    best = PRESETS["best"]
+    assert "batch norm" in fused.supports(best.model, best.train, "cpu")
+    for section, changes, why in [("train", {"optimizer": "adam"}, "optimizer adam"),
+                                  ("model", {"activation": "tanh"}, "activation tanh"),
+                                  ("model", {"batch_norm": True}, "batch norm")]:
+        cfg = override(PRESETS["book"], section, **changes)
         assert why in fused.supports(cfg.model, cfg.train, "cpu")
 
 
 def test_fast_and_best_presets_are_lenet_sized():
     fast, best = PRESETS["fast"], PRESETS["best"]
-    assert num_params(init_model(fast.model, 0)) == 62_158
+    assert num_params(init_model(fast.model, 0)) == 61_706  # the book's network, ReLU + max
     assert num_params(init_model(best.model, 0)) == 61_226
-    assert fast.train.epochs == 5 and best.train.epochs == 10
+    assert fast.train.epochs == 10 and best.train.epochs == 10
     assert best.train.augment == "flip" and fast.train.augment == "none"
 
 
@@ -152,5 +160,7 @@ def test_channels_last_only_where_it_measured_faster():
     from lenet.train import channels_last_pays
 
     pays = {name: channels_last_pays(init_model(cfg.model, 0)) for name, cfg in PRESETS.items()}
-    assert pays == {"book": True, "book-1.0": True, "modern": True, "fast": False,
+    assert pays == {"book": True, "book-1.0": True, "modern": True, "fast": True,
                     "best": True}
+    few = replace(PRESETS["modern"].model, batch_norm=True)  # BatchNorm over 6 and 16 channels
+    assert not channels_last_pays(init_model(few, 0))

@@ -233,13 +233,14 @@ PRESETS: dict[str, RunConfig] = {
     "modern": RunConfig(preset="modern",
                         model=ModelSpec(activation="relu", pooling="max"),
                         train=TrainSpec(lr=0.1)),
-    # Beyond the book, LeNet-sized (62k parameters) and quick: BatchNorm, ReLU, max-pooling,
-    # Nesterov SGD with warm-up and cosine decay, label smoothing; ~0.91 in 5 epochs.
+    # Beyond the book and quick: exercise 1's network (the book's shapes, ReLU, max-pooling,
+    # 61,706 parameters), trained with Nesterov SGD, warm-up and cosine decay, weight decay
+    # and label smoothing; ~0.91 in 10 epochs, all of it on the fused C++ kernel. (BatchNorm
+    # reaches ~0.91 in 5 epochs, but on autograd: two times slower end to end.)
     "fast": RunConfig(preset="fast",
-                      model=ModelSpec(activation="relu", pooling="max", batch_norm=True,
-                                      init="kaiming"),
-                      train=TrainSpec(epochs=5, lr=0.1, momentum=0.9, nesterov=True,
-                                      weight_decay=5e-4, schedule="cosine", warmup=0.25,
+                      model=ModelSpec(activation="relu", pooling="max", init="kaiming"),
+                      train=TrainSpec(epochs=10, lr=0.1, momentum=0.9, nesterov=True,
+                                      weight_decay=5e-4, schedule="cosine", warmup=0.1,
                                       label_smoothing=0.1)),
     # The most accurate under 100k parameters (61k) in about two minutes on 2 cores: three
     # 3x3 conv layers (16, 32, 64 channels), one dense layer of 64, random flips, 10 epochs.
