@@ -1,3 +1,3 @@
-from lenet.cli import main
+from lenet.cli import run
 
-raise SystemExit(main())
+run()
