@@ -1,6 +1,12 @@
 """Training speed, side by side in one run on one machine: the book's loop vs ours.
 
-    python benchmarks/train_speed.py [--epochs 10] [--only book,ours,fast] [--data DIR]
+    python benchmarks/train_speed.py [--epochs 10] [--only book,keras,ours,fast] [--data DIR]
+                                     [--keras-python PYTHON]
+
+Keras 3 on TensorFlow (benchmarks/keras_loop.py) runs under an interpreter that has them:
+--keras-python, else $LENET_KERAS_PYTHON, else this one if it can import tensorflow; where
+there is none it is left out with a note (tensorflow-cpu is a separate ~600 MB install,
+not a project dependency: `python -m venv kenv && kenv/bin/pip install tensorflow-cpu`).
 
 Each contender runs as its own process (so whole-process wall time and peak memory are
 fair); this script measures the machine's fp32 matrix-multiply rate in the same run to
@@ -87,19 +93,36 @@ def steady(rates: list[float]) -> float:
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
+def bench_peer(name: str, python: str, script: Path, epochs: int, data: str) -> dict:
+    """A peer script that prints 'epoch N: ..., R examples/s' lines and a last JSON line."""
+    r, wall, rss = run([python, str(script), "--epochs", str(epochs), "--data", data])
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    res = rows[-1]
+    epoch_rates = [float(line.rsplit(",", 1)[1].split()[0]) for line in r.stdout.splitlines()
+                   if line.startswith("epoch ")]
+    return {"name": name, "rate": steady(epoch_rates),
+            "epoch_s": statistics.median(res["epoch_seconds"]), "wall": wall,
+            "acc": res["test_acc"], "rss": rss, "book_recipe": True}
+
+
 def bench_book(epochs: int, data: str) -> dict:
     peer = next((p for p in PEER_CANDIDATES if p.is_file()), None)
     if peer is None:
         sys.exit("the book's loop is missing: expected one of "
                  + ", ".join(map(str, PEER_CANDIDATES)))
-    r, wall, rss = run([sys.executable, str(peer), "--epochs", str(epochs), "--data", data])
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    res = rows[-1]
-    epoch_rates = [float(line.rsplit(",", 1)[1].split()[0]) for line in r.stdout.splitlines()
-                   if line.startswith("epoch ")]
-    return {"name": f"book's train_ch6 loop ({peer.name})", "rate": steady(epoch_rates),
-            "epoch_s": statistics.median(res["epoch_seconds"]), "wall": wall,
-            "acc": res["test_acc"], "rss": rss, "book_recipe": True}
+    return bench_peer(f"book's train_ch6 loop ({peer.name})", sys.executable, peer, epochs,
+                      data)
+
+
+def keras_python(given: str | None) -> str | None:
+    """An interpreter that can import tensorflow and keras, or None."""
+    for py in (given, os.environ.get("LENET_KERAS_PYTHON"), sys.executable):
+        if py and subprocess.run([py, "-c", "import tensorflow, keras"], capture_output=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).returncode == 0:
+            return py
+        if py == given and given:
+            sys.exit(f"--keras-python {given}: cannot import tensorflow and keras there")
+    return None
 
 
 def bench_ours(epochs: int | None, data: str, preset: str) -> dict:
@@ -119,9 +142,12 @@ def bench_ours(epochs: int | None, data: str, preset: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--only", default="book,ours,fast",
-                   help="comma list of: book, ours (the book preset), fast (the fast preset, "
-                   "its own 5 epochs)")
+    p.add_argument("--only", default="book,keras,ours,fast",
+                   help="comma list of: book, keras, ours (the book preset), fast (the fast "
+                   "preset, its own epochs)")
+    p.add_argument("--keras-python", default=None,
+                   help="python with tensorflow and keras 3 (default: $LENET_KERAS_PYTHON, "
+                   "else this one if it has them)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: discovered)")
     a = p.parse_args()
 
@@ -146,25 +172,35 @@ def main() -> None:
     for name in a.only.split(","):
         if name == "book":
             results.append(bench_book(a.epochs, data))
+        elif name == "keras":
+            py = keras_python(a.keras_python)
+            if py is None:
+                print("  left out: keras (no python with tensorflow here; see --keras-python)",
+                      flush=True)
+                continue
+            results.append(bench_peer("Keras 3 / TensorFlow (keras_loop.py)", py,
+                                      HERE / "keras_loop.py", a.epochs, data))
         elif name == "ours":
             results.append(bench_ours(a.epochs, data, "book"))
         elif name == "fast":
             results.append(bench_ours(None, data, "fast"))
         else:
-            sys.exit(f"--only: unknown contender '{name}' (expected book, ours, fast)")
+            sys.exit(f"--only: unknown contender '{name}' (expected book, keras, ours, fast)")
         print(f"  done: {results[-1]['name']}", flush=True)
 
     book = next((r for r in results if r["name"].startswith("book's")), None)
+    keras = next((r for r in results if r["name"].startswith("Keras")), None)
     head = (f"{'':<36} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
-            f"{'peak RSS':>9} {'% floor':>7} {'vs book':>7}")
+            f"{'peak RSS':>9} {'% floor':>7} {'vs book':>7} {'vs keras':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         # Ratios and the floor are for the book's network; another network does other work.
         same = r["book_recipe"]
         ratio = f"{r['rate'] / book['rate']:.2f}x" if book and same else "-"
+        vs_keras = f"{r['rate'] / keras['rate']:.2f}x" if keras and same else "-"
         share = f"{100 * r['rate'] / floor:.1f}%" if same else "-"
         print(f"{r['name']:<36} {r['rate']:>10,.0f} {r['epoch_s']:>8.2f} {r['wall']:>7.1f} "
-              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {share:>7} {ratio:>7}")
+              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {share:>7} {ratio:>7} {vs_keras:>8}")
 
 
 if __name__ == "__main__":

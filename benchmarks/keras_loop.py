@@ -1,0 +1,101 @@
+"""The book's LeNet-5 recipe in Keras 3 on TensorFlow, as a speed and accuracy peer.
+
+The same network (conv 6@5x5 same -> sigmoid -> avg-pool -> conv 16@5x5 -> sigmoid ->
+avg-pool -> dense 120 -> 84 -> 10, Glorot-uniform = Xavier-uniform weights, zero biases),
+the same data (the IDX files, x / 255), batch 128, SGD lr 0.9, cross-entropy on logits,
+test accuracy after every epoch: Keras's own `fit` on in-memory arrays, as a Keras user
+would write it. Needs tensorflow (and keras 3); run it with the interpreter that has them:
+
+    python keras_loop.py [--epochs 10] [--lr 0.9] [--batch-size 128] [--data DIR]
+
+Prints one line per epoch and, last, a JSON line in the format of book_loop.py:
+  {"peer": "keras", "test_acc": .., "train_examples_per_s": .., "epoch_seconds": [..], ..}
+train_examples_per_s is over the training loop (`fit` for one epoch, data included).
+"""
+import argparse
+import gzip
+import json
+import os
+import time
+
+T0 = time.time()
+
+import numpy as np  # noqa: E402 - after T0: the wall time counts imports, as book_loop.py
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no start-up chatter on stderr
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def split(root, prefix):
+    images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
+    return (images.astype(np.float32) / 255)[..., None], labels.astype(np.int64)
+
+
+def lenet():
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(6, 5, padding="same", activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Conv2D(16, 5, activation="sigmoid"),
+        layers.AveragePooling2D(2, 2),
+        layers.Flatten(),
+        layers.Dense(120, activation="sigmoid"),
+        layers.Dense(84, activation="sigmoid"),
+        layers.Dense(10),
+    ])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=os.environ.get(
+        "LENET_DATA", "/usr/share/datasets/fashion-mnist"))
+    a = p.parse_args()
+    keras.utils.set_random_seed(a.seed)
+    x_train, y_train = split(a.data, "train")
+    x_test, y_test = split(a.data, "t10k")
+    net = lenet()
+    assert net.count_params() == 61_706, net.count_params()
+    net.compile(optimizer=keras.optimizers.SGD(a.lr),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+    loop_time, seen, epoch_s = 0.0, 0, []
+    for epoch in range(a.epochs):
+        t = time.time()
+        h = net.fit(x_train, y_train, batch_size=a.batch_size, epochs=1, shuffle=True,
+                    verbose=0)
+        loop = time.time() - t
+        loop_time += loop
+        seen += len(y_train)
+        _, test_acc = net.evaluate(x_test, y_test, batch_size=a.batch_size, verbose=0)
+        epoch_s.append(time.time() - t)
+        print(f"epoch {epoch + 1}: loss {h.history['loss'][0]:.3f}, train acc "
+              f"{h.history['accuracy'][0]:.3f}, test acc {test_acc:.3f}, "
+              f"{len(y_train) / loop:.0f} examples/s", flush=True)
+    print(json.dumps({
+        "peer": "keras", "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size,
+        "test_acc": round(float(test_acc), 4),
+        "train_examples_per_s": round(seen / loop_time, 1),
+        "epoch_seconds": [round(s, 2) for s in epoch_s],
+        "wall_s": round(time.time() - T0, 2), "keras": keras.__version__,
+        "tensorflow": tf.__version__}))
+
+
+if __name__ == "__main__":
+    main()
