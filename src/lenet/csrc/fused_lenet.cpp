@@ -114,22 +114,30 @@ inline float act_grad1(float a) {
   return Relu ? (a > 0.f ? 1.f : 0.f) : a * (1.f - a);
 }
 
-// Max pooling's choice in a 2x2 window given in torch's scan order: the first maximum, a NaN
-// counting as the maximum (torch's max_pool2d rule); its index 0..3.
-inline int argmax4(float v0, float v1, float v2, float v3) {
-  const float v[4] = {v0, v1, v2, v3};
-  int best = 0;
-  for (int k = 1; k < 4; k++)
-    if (v[k] > v[best] || (std::isnan(v[k]) && !std::isnan(v[best]))) best = k;
-  return best;
+// Max pooling's choice in a 2x2 window given in torch's scan order, by torch's max_pool2d
+// rule: a value replaces the running maximum when greater, or when it is NaN. Without
+// branches: which value wins is data, and mispredicted branches cost more than the compares.
+struct Pick {
+  int k;    // index 0..3
+  float m;  // value
+};
+
+inline Pick max4(float v0, float v1, float v2, float v3) {
+  Pick p{0, v0};
+  const float v[3] = {v1, v2, v3};
+  for (int i = 0; i < 3; i++) {
+    const bool up = (v[i] > p.m) | (v[i] != v[i]);
+    p.k = up ? i + 1 : p.k;
+    p.m = up ? v[i] : p.m;
+  }
+  return p;
 }
 
-// A 2x2 window's pooled value: the mean (avg) or the maximum chosen by argmax4 (max).
+// A 2x2 window's pooled value: the mean (avg) or the maximum (max).
 template <bool Max>
 inline float pool4(float v0, float v1, float v2, float v3) {
   if (!Max) return 0.25f * ((v0 + v1) + (v2 + v3));
-  const float v[4] = {v0, v1, v2, v3};
-  return v[argmax4(v0, v1, v2, v3)];
+  return max4(v0, v1, v2, v3).m;
 }
 
 // Elementwise max that keeps a NaN from either side (max_ps alone returns its second operand
@@ -324,6 +332,27 @@ void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Sa
 // Conv backward, per chunk. Each chunk writes its own partial gradient; they are summed in
 // chunk order afterwards, so the result never depends on which thread ran which chunk.
 
+// Max pooling's backward for 4 windows side by side: their two rows a0, a1 (8 values each;
+// each lane pair is one window's two columns) and their gradients g8 (duplicated on each
+// lane pair). The gradient goes to the window's first maximum in torch's scan order (row 0
+// left, right; row 1 left, right), times act'; the other three positions get 0. A window
+// holding a NaN matches nothing and gets no gradient (the run has diverged anyway).
+template <bool Relu>
+inline void max_windows_backward(__m256 a0, __m256 a1, __m256 g8, __m256& d0, __m256& d1) {
+  const __m256 odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(a0, _mm256_permute_ps(a0, 0xB1)),
+                                 _mm256_max_ps(a1, _mm256_permute_ps(a1, 0xB1)));
+  const __m256 eq0 = _mm256_cmp_ps(a0, m, _CMP_EQ_OQ);
+  const __m256 eq0_pair = _mm256_permute_ps(eq0, 0xB1);
+  const __m256 eq1 = _mm256_cmp_ps(a1, m, _CMP_EQ_OQ);
+  const __m256 sel0 = _mm256_andnot_ps(_mm256_and_ps(odd, eq0_pair), eq0);
+  const __m256 sel1 = _mm256_andnot_ps(
+      _mm256_or_ps(_mm256_or_ps(eq0, eq0_pair), _mm256_and_ps(odd, _mm256_permute_ps(eq1, 0xB1))),
+      eq1);
+  d0 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a0)), sel0);
+  d1 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a1)), sel1);
+}
+
 // dZ2 (16, bs*100) = dF spread back over each 2x2 window (a quarter to each position, or all
 // to the maximum) times act'; also the chunk's conv2 bias gradient.
 template <bool Relu, bool Max>
@@ -344,16 +373,31 @@ void pool2_act_backward(const float* dF, const float* A2, int bs, float* dz2, fl
           }
         continue;
       }
-      std::memset(d, 0, 100 * sizeof(float));
-      for (int i = 0; i < 5; i++)
-        for (int j = 0; j < 5; j++) {
-          const int at[4] = {2 * i * 10 + 2 * j, 2 * i * 10 + 2 * j + 1,
-                             (2 * i + 1) * 10 + 2 * j, (2 * i + 1) * 10 + 2 * j + 1};
-          const int k = at[argmax4(a[at[0]], a[at[1]], a[at[2]], a[at[3]])];
-          const float v = g[i * 5 + j] * act_grad1<Relu>(a[k]);
-          d[k] = v;
+      const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+      for (int i = 0; i < 5; i++) {
+        // Windows 0..3 of the row pair as vectors (columns 0..7), window 4 alone.
+        __m256 d0, d1;
+        const __m256 g8 =
+            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(g + i * 5)), dup);
+        max_windows_backward<Relu>(_mm256_loadu_ps(a + 2 * i * 10),
+                                   _mm256_loadu_ps(a + 2 * i * 10 + 10), g8, d0, d1);
+        _mm256_storeu_ps(d + 2 * i * 10, d0);
+        _mm256_storeu_ps(d + 2 * i * 10 + 10, d1);
+        s += hsum8(_mm256_add_ps(d0, d1));
+        for (int j = 4; j < 5; j++) {
+          const float* w0 = a + 2 * i * 10 + 2 * j;  // the window's two rows
+          const float* w1 = w0 + 10;
+          const Pick pick = max4(w0[0], w0[1], w1[0], w1[1]);
+          const float v = g[i * 5 + j] * act_grad1<Relu>(pick.m);
+          float* d0 = d + 2 * i * 10 + 2 * j;
+          float* d1 = d0 + 10;
+          d0[0] = pick.k == 0 ? v : 0.f;
+          d0[1] = pick.k == 1 ? v : 0.f;
+          d1[0] = pick.k == 2 ? v : 0.f;
+          d1[1] = pick.k == 3 ? v : 0.f;
           s += v;
         }
+      }
     }
     db2[c] = s;
   }
@@ -366,10 +410,6 @@ void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* d
   const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
   const __m256 keep4 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
   if (Max) {
-    // Each lane pair is one window's two columns; the gradient goes to the window's first
-    // maximum in torch's scan order (row 0 left, right; row 1 left, right). A NaN window
-    // matches nothing and gets no gradient.
-    const __m256 odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
     for (int c = 0; c < 6; c++)
       for (int i = 0; i < 14; i++) {
         const float* r0 = a1 + c * 28 * AW + 2 * i * AW;
@@ -378,22 +418,11 @@ void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* d
         float* d0 = dz1 + c * 28 * AW + 2 * i * AW;
         float* d1 = d0 + AW;
         for (int v = 0; v < 4; v++) {
-          const __m256 a0 = _mm256_loadu_ps(r0 + 8 * v), a1v = _mm256_loadu_ps(r1 + 8 * v);
-          const __m256 top = _mm256_max_ps(a0, _mm256_permute_ps(a0, 0xB1));
-          const __m256 bottom = _mm256_max_ps(a1v, _mm256_permute_ps(a1v, 0xB1));
-          const __m256 m = _mm256_max_ps(top, bottom);
-          const __m256 eq0 = _mm256_cmp_ps(a0, m, _CMP_EQ_OQ);
-          const __m256 eq0_pair = _mm256_permute_ps(eq0, 0xB1);
-          const __m256 eq1 = _mm256_cmp_ps(a1v, m, _CMP_EQ_OQ);
-          const __m256 sel0 = _mm256_andnot_ps(_mm256_and_ps(odd, eq0_pair), eq0);
-          const __m256 sel1 = _mm256_andnot_ps(
-              _mm256_or_ps(_mm256_or_ps(eq0, eq0_pair),
-                           _mm256_and_ps(odd, _mm256_permute_ps(eq1, 0xB1))),
-              eq1);
           const __m256 g8 =
               _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(gr + 4 * v)), dup);
-          __m256 g0 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a0)), sel0);
-          __m256 g1 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a1v)), sel1);
+          __m256 g0, g1;
+          max_windows_backward<Relu>(_mm256_loadu_ps(r0 + 8 * v), _mm256_loadu_ps(r1 + 8 * v),
+                                     g8, g0, g1);
           if (v == 3) g0 = _mm256_and_ps(g0, keep4), g1 = _mm256_and_ps(g1, keep4);
           _mm256_storeu_ps(d0 + 8 * v, g0);
           _mm256_storeu_ps(d1 + 8 * v, g1);
