@@ -43,6 +43,7 @@ constexpr int kA2 = 16 * 100;      // conv2 activations per image (10x10)
 constexpr int kFeat = 400;         // pool2 output, flattened
 constexpr int kH3 = 120, kH4 = 84;
 constexpr int kCols = 150;         // conv2 im2col rows: 6 channels x 5 x 5 taps
+constexpr int kSub = 4;            // images per conv2 input-gradient GEMM (conv_backward_chunk)
 
 // Gradient layout = parameter order; the conv part first, so per-chunk partial sums of the
 // conv gradients are one contiguous prefix.
@@ -384,19 +385,17 @@ void pool2_act_backward(const float* dF, const float* A2, int bs, float* dz2, fl
         _mm256_storeu_ps(d + 2 * i * 10, d0);
         _mm256_storeu_ps(d + 2 * i * 10 + 10, d1);
         s += hsum8(_mm256_add_ps(d0, d1));
-        for (int j = 4; j < 5; j++) {
-          const float* w0 = a + 2 * i * 10 + 2 * j;  // the window's two rows
-          const float* w1 = w0 + 10;
-          const Pick pick = max4(w0[0], w0[1], w1[0], w1[1]);
-          const float v = g[i * 5 + j] * act_grad1<Relu>(pick.m);
-          float* d0 = d + 2 * i * 10 + 2 * j;
-          float* d1 = d0 + 10;
-          d0[0] = pick.k == 0 ? v : 0.f;
-          d0[1] = pick.k == 1 ? v : 0.f;
-          d1[0] = pick.k == 2 ? v : 0.f;
-          d1[1] = pick.k == 3 ? v : 0.f;
-          s += v;
-        }
+        const float* w0 = a + 2 * i * 10 + 8;  // window 4's two rows
+        const float* w1 = w0 + 10;
+        const Pick pick = max4(w0[0], w0[1], w1[0], w1[1]);
+        const float v = g[i * 5 + 4] * act_grad1<Relu>(pick.m);
+        float* e0 = d + 2 * i * 10 + 8;
+        float* e1 = e0 + 10;
+        e0[0] = pick.k == 0 ? v : 0.f;
+        e0[1] = pick.k == 1 ? v : 0.f;
+        e1[0] = pick.k == 2 ? v : 0.f;
+        e1[1] = pick.k == 3 ? v : 0.f;
+        s += v;
       }
     }
     db2[c] = s;
@@ -484,15 +483,20 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
   float* dp1 = scratch(2, (size_t)block * kP1);
   float* cols = scratch(3, (size_t)kCols * block * 100);
   float* dz2 = scratch(4, (size_t)16 * block * 100);
-  float* dcols = scratch(5, (size_t)kCols * block * 100);
+  float* dcols = scratch(5, (size_t)kCols * kSub * 100);
   const int ld = bs * 100;
 
   pool2_act_backward<Relu, Max>(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
   // Recomputing im2col is cheaper than keeping 150 x 100 floats per image around.
   im2col(sv.P1 + n0 * kP1, bs, cols, ld);
   gemm(false, true, 16, kCols, ld, 1.f, dz2, ld, cols, ld, 0.f, dw2, kCols);
-  gemm(true, false, kCols, ld, 16, 1.f, w2, kCols, dz2, ld, 0.f, dcols, ld);
-  col2im(dcols, bs, ld, dp1);
+  // dP1 through the columns' gradient, a few images at a time: the whole chunk's (150 x
+  // chunk*100 floats) would leave L2 between the GEMM writing it and col2im reading it.
+  for (int nb = 0; nb < bs; nb += kSub) {
+    const int n = std::min(kSub, bs - nb), w = n * 100;
+    gemm(true, false, kCols, w, 16, 1.f, w2, kCols, dz2 + nb * 100, ld, 0.f, dcols, w);
+    col2im(dcols, n, w, dp1 + nb * kP1);
+  }
 
   __m256 w1acc[kW1], b1acc[kB1];
   for (auto& v : w1acc) v = _mm256_setzero_ps();
