@@ -450,3 +450,36 @@ def test_evaluate_uses_the_kernels_forward_for_the_book_net_only(kernel):
     fast, slow = classify(model, test, forward=forward), classify(model, test)
     assert (fast.pred == slow.pred).all()
     assert fast.loss == pytest.approx(slow.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("act, pool", KINDS)
+def test_uint8_images_are_scaled_as_to_float_does(kernel, act, pool):
+    """The trainer hands the kernel the bytes; the result is bit for bit that of the float
+    images the book's ToTensor (batches.to_float) makes."""
+    from lenet.data.batches import to_float
+
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (37, 1, 28, 28), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (37,), generator=g)
+    runs = []
+    for x in (images, to_float(images)):
+        model = book(seed=4, activation=act, pooling=pool)
+        step = fused.FusedStep(model, 0.1, momentum=0.9)
+        losses = [step.step(x, y)[0] for _ in range(2)]
+        runs.append((losses, list(model.parameters()), step.forward(x)))
+    (l1, p1, f1), (l2, p2, f2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    assert torch.equal(f1, f2)
+
+
+def test_the_trainer_hands_the_kernel_bytes(kernel):
+    from lenet.train import Trainer
+
+    x, y = batch(64, seed=3)
+    images = (x * 255).round().to(torch.uint8)[:, 0]
+    train, test = Batches(images, y, 32), Batches(images, y, 64)
+    Trainer(TrainSpec(epochs=1, batch_size=32), torch.device("cpu"),
+            engine="fused").fit(book(), train, test)
+    assert train.as_bytes and not test.as_bytes
+    assert next(iter(train))[0].dtype == torch.uint8

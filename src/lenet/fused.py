@@ -265,8 +265,9 @@ class FusedStep:
 
     def step(self, x: torch.Tensor, y: torch.Tensor,
              lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on float32 images x (B, 1, 28, 28) and int64 labels y (B,), B >= 1,
-        at learning rate `lr` (default: the one given at construction). Returns (mean loss,
+        """One SGD step on images x (B, 1, 28, 28), float32 or uint8 (then scaled x / 255
+        as the book's ToTensor, inside the kernel), and int64 labels y (B,), B >= 1, at
+        learning rate `lr` (default: the one given at construction). Returns (mean loss,
         number of right argmax predictions) as 0-d tensors, both from the forward pass
         before the update, as an autograd step would report them."""
         out = self._call(x, y, update=True, lr=self.lr if lr is None else float(lr))

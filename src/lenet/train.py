@@ -165,6 +165,7 @@ class Trainer:
             # same format); building a torch.optim optimizer anyway would cost ~2 s of
             # torch._dynamo import.
             self.fused = self.optimizer = FusedStep.for_recipe(model, self.spec)
+            train.as_bytes = train.resize is None  # the kernel scales the bytes itself
         else:
             if self.device.type == "cpu" and channels_last_pays(model):
                 model.to(memory_format=torch.channels_last)

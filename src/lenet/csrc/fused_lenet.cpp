@@ -178,10 +178,37 @@ struct Saved {
 // ---------------------------------------------------------------------------------------------
 // conv1 + pool1, one image at a time (stays in L1)
 
-void pad_image(const float* x, float* xp) {
-  std::memset(xp, 0, sizeof(float) * 32 * XW);
-  for (int i = 0; i < kImg; i++) std::memcpy(xp + (i + 2) * XW + 2, x + i * kImg, kImg * 4);
-}
+// The batch's images: float32 pixels, or uint8 ones that the kernel scales itself, x / 255
+// as torch computes it (a true division), while padding: a byte batch is a quarter of the
+// memory traffic, and the trainer saves a conversion pass per step.
+struct Images {
+  const float* f;    // (N, 28, 28) float32, or
+  const uint8_t* b;  // (N, 28, 28) uint8
+
+  // Image n, zero-padded to 32 rows x XW.
+  void pad(int64_t n, float* xp) const {
+    std::memset(xp, 0, sizeof(float) * 32 * XW);
+    if (f) {
+      const float* x = f + n * kImgPixels;
+      for (int i = 0; i < kImg; i++) std::memcpy(xp + (i + 2) * XW + 2, x + i * kImg, kImg * 4);
+      return;
+    }
+    const uint8_t* x = b + n * kImgPixels;
+    const __m256 k255 = _mm256_set1_ps(255.f);
+    for (int i = 0; i < kImg; i++) {
+      const uint8_t* r = x + i * kImg;
+      float* o = xp + (i + 2) * XW + 2;
+      for (int j = 0; j < 24; j += 8) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j));
+        _mm256_storeu_ps(o + j, _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), k255));
+      }
+      int32_t last;  // the row's last 4 bytes (a wider load could read past the tensor)
+      std::memcpy(&last, r + 24, 4);
+      const __m128i v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(last));
+      _mm_storeu_ps(o + 24, _mm_div_ps(_mm_cvtepi32_ps(v), _mm256_castps256_ps128(k255)));
+    }
+  }
+};
 
 // 12 accumulators (6 channels x 16 columns) fit the 16 ymm registers with room for the input.
 template <bool Relu>
@@ -302,7 +329,7 @@ void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* 
 
 // Features F (N, 400) of every image; with `saved`, also what the backward needs.
 template <bool Relu, bool Max>
-void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Saved* saved,
+void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const Saved* saved,
                   int block) {
   const int64_t chunks = (N + block - 1) / block;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -317,7 +344,7 @@ void conv_forward(const float* x, int64_t N, const Params& p, float* F, const Sa
       float* p1 = saved ? saved->P1 + n0 * kP1 : p1_tmp;
       for (int nb = 0; nb < bs; nb++) {
         float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : a1_tmp;
-        pad_image(x + (n0 + nb) * kImgPixels, xp);
+        x.pad(n0 + nb, xp);
         conv1_forward<Relu>(xp, p.w1, p.b1, a1);
         pool1_forward<Max>(a1, p1 + nb * kP1);
       }
@@ -472,7 +499,7 @@ void conv1_weight_backward(const float* xp, const float* dz1, __m256* dw1) {
 
 // The conv gradients of images [n0, n0+bs) into `part` (kConvGrads floats, overwritten).
 template <bool Relu, bool Max>
-void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, const Saved& sv,
+void conv_backward_chunk(const Images& x, int64_t n0, int bs, const float* dF, const Saved& sv,
                          const float* w2, int block, float* part) {
   float* dw1 = part;
   float* db1 = dw1 + kW1;
@@ -503,7 +530,7 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
   for (auto& v : b1acc) v = _mm256_setzero_ps();
   for (int nb = 0; nb < bs; nb++) {
     pool1_act_backward<Relu, Max>(sv.A1 + (n0 + nb) * kA1, dp1 + nb * kP1, dz1, b1acc);
-    pad_image(x + (n0 + nb) * kImgPixels, xp);
+    x.pad(n0 + nb, xp);
     conv1_weight_backward(xp, dz1, w1acc);
   }
   for (int t = 0; t < kW1; t++) dw1[t] = hsum8(w1acc[t]);
@@ -511,7 +538,7 @@ void conv_backward_chunk(const float* x, int64_t n0, int bs, const float* dF, co
 }
 
 template <bool Relu, bool Max>
-void conv_backward(const float* x, int64_t N, const float* dF, const Saved& sv, const float* w2,
+void conv_backward(const Images& x, int64_t N, const float* dF, const Saved& sv, const float* w2,
                    int block, float* grads) {
   const int64_t chunks = (N + block - 1) / block;
   std::vector<float> parts((size_t)chunks * kConvGrads);
@@ -675,13 +702,19 @@ Params check_params(const std::vector<torch::Tensor>& P) {
 }
 
 int64_t check_images(const torch::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "fused LeNet: images must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kByte),
+              "fused LeNet: images must be a contiguous float32 or uint8 CPU tensor");
   TORCH_CHECK(x.dim() == 4 && x.size(0) >= 1 && x.size(1) == 1 && x.size(2) == kImg &&
                   x.size(3) == kImg,
               "fused LeNet: images must have shape (B>=1, 1, 28, 28), got ", x.sizes());
   TORCH_CHECK(x.size(0) <= INT32_MAX / kImgPixels, "fused LeNet: batch too large");
   return x.size(0);
+}
+
+Images images_of(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kByte) return {nullptr, x.data_ptr<uint8_t>()};
+  return {x.data_ptr<float>(), nullptr};
 }
 
 void check_labels(const torch::Tensor& y, int64_t N, int C) {
@@ -735,7 +768,7 @@ void sgd_update(const std::vector<torch::Tensor>& P, const float* g, const Sgd& 
 }  // namespace
 
 template <bool Relu, bool Max>
-std::pair<double, int64_t> step_impl(const float* x, const int64_t* y, int64_t N,
+std::pair<double, int64_t> step_impl(const Images& x, const int64_t* y, int64_t N,
                                      const Params& p, const Saved& sv, float* G3, float* G4,
                                      float* dF, float* g, float eps, int block) {
   const int n = (int)N;
@@ -780,7 +813,7 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(
 
   auto* step = relu ? (max_pool ? step_impl<true, true> : step_impl<true, false>)
                     : (max_pool ? step_impl<false, true> : step_impl<false, false>);
-  const auto [loss, right] = step(x.data_ptr<float>(), y.data_ptr<int64_t>(), N, p, sv, G3, G4,
+  const auto [loss, right] = step(images_of(x), y.data_ptr<int64_t>(), N, p, sv, G3, G4,
                                   dF, g, (float)smoothing, (int)block);
   if (update)
     sgd_update(P, g, {(float)lr, (float)momentum, (float)weight_decay, nesterov, first, buf});
@@ -793,12 +826,12 @@ torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, bool relu, 
   TORCH_CHECK(block >= 1 && block <= 4096, "fused LeNet: block must be in 1..4096");
   const Params p = check_params(P);
   const int64_t N = check_images(x);
-  auto opt = x.options();
+  auto opt = x.options().dtype(torch::kFloat);
   auto F = torch::empty({N, kFeat}, opt), H3 = torch::empty({N, kH3}, opt),
        H4 = torch::empty({N, kH4}, opt), L = torch::empty({N, p.classes}, opt);
   float *f = F.data_ptr<float>(), *h3 = H3.data_ptr<float>(), *h4 = H4.data_ptr<float>(),
         *l = L.data_ptr<float>();
-  const float* xd = x.data_ptr<float>();
+  const Images xd = images_of(x);
   if (relu) {
     max_pool ? conv_forward<true, true>(xd, N, p, f, nullptr, (int)block)
              : conv_forward<true, false>(xd, N, p, f, nullptr, (int)block);

@@ -39,6 +39,9 @@ class Batches:
         # batch (torch.tensor_split: shares differ by at most one example); len() and
         # num_examples stay those of the whole split.
         self.shard: tuple[int, int] | None = None
+        # Yield the uint8 pixels as they are, for a consumer that scales them itself (the
+        # fused kernel: a quarter of the memory traffic, and no conversion pass per step).
+        self.as_bytes = False
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -78,7 +81,7 @@ class Batches:
                 x, y = self.images[idx], self.labels[idx]
                 if drawn is not None:
                     x = augment(x, self.augment, drawn)
-            yield self.prepare(x), y
+            yield (x if self.as_bytes else self.prepare(x)), y
 
     def batch_len(self, step: int) -> int:
         """Examples in the whole (all ranks') batch number `step` (1-based): the last one
