@@ -1,5 +1,6 @@
-"""Autograd training steps in PyTorch's default (contiguous) layout vs channels-last, for
-the presets that train on autograd (and the book's net, were it to), batch 128.
+"""Autograd training steps in PyTorch's default (contiguous) layout vs channels-last, batch
+128: the book's and exercise 1's nets (were they to train on autograd: LENET_FUSED=0, or no
+AVX2), exercise 1's with BatchNorm (over 6 and 16 channels), and `best`.
 
     python benchmarks/layout_speed.py [--rounds 8] [--steps 10] [--threads N]
 
@@ -15,11 +16,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lenet.config import PRESETS
+from lenet.config import PRESETS, override
 from lenet.models import init_model
 from lenet.train import make_optimizer
 
 BATCH = 128
+NETS = {"book": PRESETS["book"], "modern": PRESETS["modern"],
+        "modern+bn": override(PRESETS["modern"], "model", batch_norm=True),
+        "best": PRESETS["best"]}
 
 
 def main() -> None:
@@ -31,8 +35,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
     variants = {}
-    for name in ("book", "modern", "fast", "best"):
-        cfg = PRESETS[name]
+    for name, cfg in NETS.items():
         for layout in ("contiguous", "channels_last"):
             model = init_model(cfg.model, 0)
             if layout == "channels_last":
@@ -57,10 +60,10 @@ def main() -> None:
             best[k] = min(best[k], block(*v))
     print(f"{a.threads} thread(s), batch {BATCH}, {a.rounds} interleaved rounds of {a.steps}"
           " steps; min ms per step")
-    print(f"{'preset':<8} {'contiguous':>10} {'channels_last':>13} {'speed-up':>8}")
-    for name in ("book", "modern", "fast", "best"):
+    print(f"{'net':<10} {'contiguous':>10} {'channels_last':>13} {'speed-up':>8}")
+    for name in NETS:
         c, cl = best[(name, "contiguous")], best[(name, "channels_last")]
-        print(f"{name:<8} {c:>10.2f} {cl:>13.2f} {c / cl:>7.2f}x")
+        print(f"{name:<10} {c:>10.2f} {cl:>13.2f} {c / cl:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Training-step speed of the book LeNet-5, batch 128: PyTorch autograd vs the fused C++ step
-(lenet.fused), at 1 and 2 threads, plus an eval forward of 10,000 images.
+"""Training-step speed, batch 128: PyTorch autograd (as the trainer runs it) vs the fused C++
+step (lenet.fused) for the book and fast presets' recipes, at 1 and 2 threads, plus an eval
+forward of 10,000 images.
 
     python benchmarks/step_speed.py [--rounds 12] [--steps 10]
 
@@ -20,25 +21,33 @@ import torch
 import torch.nn.functional as F
 
 from lenet import fused, models
-from lenet.config import ModelSpec
+from lenet.config import PRESETS, ModelSpec
+from lenet.train import channels_last_pays, make_optimizer
 
 BATCH = 128  # the book's
 LR = 0.9  # the book preset's
 EVAL_IMAGES = 10_000  # Fashion-MNIST's test split
 
 
-def autograd_step(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def autograd_step(preset, x, y):
+    """The trainer's autograd step for a preset's recipe (its optimizer, label smoothing and
+    memory layout)."""
+    cfg = PRESETS[preset]
+    model = models.init_model(cfg.model, 0)
+    if channels_last_pays(model):
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg.train)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing).backward()
         opt.step()
     return step
 
 
-def fused_step(model, x, y):
-    f = fused.FusedStep(model, LR)
+def fused_step(preset, x, y):
+    cfg = PRESETS[preset]
+    f = fused.FusedStep.for_recipe(models.init_model(cfg.model, 0), cfg.train)
     return lambda: f.step(x, y)
 
 
@@ -49,13 +58,12 @@ def ms_per_call(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e3
 
 
-def measure_steps(rounds: int, steps: int) -> dict[str, list[float]]:
+def measure_steps(rounds: int, steps: int, preset: str) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(BATCH, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
-    variants = {"autograd (nn.Sequential + SGD)": autograd_step(models.init_model(ModelSpec(), 0),
-                                                                  x, y),
-                "fused C++ step": fused_step(models.init_model(ModelSpec(), 0), x, y)}
+    variants = {f"{preset}: autograd": autograd_step(preset, x, y),
+                f"{preset}: fused C++ step": fused_step(preset, x, y)}
     for fn in variants.values():  # warm-up: allocator, MKL and OpenMP thread pools
         ms_per_call(fn, 5)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -99,7 +107,8 @@ def main() -> None:
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for times, per in ((measure_steps(args.rounds, args.steps), BATCH),
+        for times, per in ((measure_steps(args.rounds, args.steps, "book"), BATCH),
+                           (measure_steps(args.rounds, args.steps, "fast"), BATCH),
                            (measure_eval(), EVAL_IMAGES)):
             base = min(next(iter(times.values())))
             for name, ts in times.items():
