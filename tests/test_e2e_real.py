@@ -58,7 +58,8 @@ def _train_preset(real_data, tmp_path, preset: str) -> list[dict]:
 
 
 def test_modern_preset_reaches_088_in_ten_epochs(real_data, tmp_path):
-    """Exercise 1: ReLU + max-pool at lr 0.1, 10 epochs, seed 0 (measured 0.8877)."""
+    """Exercise 1: ReLU + max-pool at lr 0.1, 10 epochs, seed 0 (measured 0.8861 on the fused
+    kernel, 0.8877 on autograd)."""
     rows = _train_preset(real_data, tmp_path, "modern")
     assert len(rows) == 10 and float(rows[-1]["test_acc"]) >= 0.88
 
