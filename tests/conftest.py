@@ -118,3 +118,26 @@ def published(server):
         mirrors=(server.url + "toy/",),
     )
     return SimpleNamespace(info=info, folder=folder, server=server)
+
+
+def stop_and_save(saved: dict, epoch: int = 1, step: int = 2):
+    """A trainer callback as Ctrl-C acts: asks to stop after `step` in the epoch that follows
+    `epoch` finished ones, and puts into `saved` what the run's checkpoint would hold."""
+    import torch
+
+    from lenet.train import Callback
+
+    class StopAt(Callback):
+        def on_step(self, trainer, at):
+            if trainer.epoch == epoch and at == step:
+                trainer.stop_requested = True
+
+        def on_interrupt(self, trainer):
+            saved.update(model={k: v.clone() for k, v in trainer.model.state_dict().items()},
+                         optimizer=trainer.optimizer.state_dict(),
+                         rng={"torch": torch.get_rng_state(),
+                              "generator": trainer.generator.get_state()},
+                         epoch=trainer.epoch, partial=trainer.partial,
+                         history=[m.as_dict() for m in trainer.history])
+
+    return StopAt()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import stop_and_save
 from lenet import fused, models
 from lenet.config import ConvSpec, ModelSpec, TrainSpec
 from lenet.data import sources
@@ -333,7 +334,7 @@ def test_momentum_state_is_torch_sgds_both_ways(kernel):
 def test_interrupt_and_resume_of_the_modern_recipe_is_bit_identical(kernel):
     """The trainer on the fused engine with momentum and a schedule: Ctrl-C mid-epoch and a
     resume from the saved state end with exactly the uninterrupted weights."""
-    from lenet.train import Callback, Trainer, TrainingInterrupted
+    from lenet.train import Trainer, TrainingInterrupted
 
     spec = TrainSpec(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, schedule="cosine", warmup=0.2, label_smoothing=0.1)
@@ -353,22 +354,9 @@ def test_interrupt_and_resume_of_the_modern_recipe_is_bit_identical(kernel):
 
     saved = {}
 
-    class StopAt(Callback):
-        def on_step(self, trainer, step):
-            if trainer.epoch == 1 and step == 2:
-                trainer.stop_requested = True
-
-        def on_interrupt(self, trainer):
-            saved.update(model={k: v.clone() for k, v in trainer.model.state_dict().items()},
-                         optimizer=trainer.optimizer.state_dict(),
-                         rng={"torch": torch.get_rng_state(),
-                              "generator": trainer.generator.get_state()},
-                         epoch=trainer.epoch, partial=trainer.partial,
-                         history=[m.as_dict() for m in trainer.history])
-
     full = run()
     with pytest.raises(TrainingInterrupted):
-        run([StopAt()])
+        run([stop_and_save(saved)])
     assert saved["optimizer"]["state"]  # the momentum buffers are in the checkpoint
     resumed = run(resume=saved)
     assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]

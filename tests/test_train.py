@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import stop_and_save
 from lenet.config import PRESETS, ModelSpec, TrainSpec
 from lenet.data.batches import Batches
 from lenet.errors import DivergenceError
@@ -111,21 +112,9 @@ def test_interrupt_mid_epoch_then_resume_is_bit_identical():
     full = _weights_after(2)
     saved = {}
 
-    class StopAt(Callback):
-        def on_step(self, trainer, step):
-            if trainer.epoch == 1 and step == 2:  # in the second epoch, after its 2nd step
-                trainer.stop_requested = True
-
-        def on_interrupt(self, trainer):
-            saved.update(model={k: v.clone() for k, v in trainer.model.state_dict().items()},
-                         optimizer=trainer.optimizer.state_dict(),
-                         rng={"torch": torch.get_rng_state(),
-                              "generator": trainer.generator.get_state()},
-                         epoch=trainer.epoch, partial=trainer.partial,
-                         history=[m.as_dict() for m in trainer.history])
-
     model = init_model(PRESETS["book"].model, seed=0)
-    trainer = Trainer(TrainSpec(epochs=2, batch_size=64), torch.device("cpu"), [StopAt()])
+    stop = stop_and_save(saved, epoch=1, step=2)  # in the 2nd epoch, after its 2nd step
+    trainer = Trainer(TrainSpec(epochs=2, batch_size=64), torch.device("cpu"), [stop])
     with pytest.raises(TrainingInterrupted, match="epoch 2 after step 2"):
         trainer.fit(model, Batches(*_toy(320), 64), Batches(*_toy(100, seed=1), 100))
     assert saved["partial"]["step"] == 2 and saved["epoch"] == 1
