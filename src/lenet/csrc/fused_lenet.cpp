@@ -1,7 +1,8 @@
 // The book's LeNet-5 training step (forward, mean cross-entropy, backward, SGD) in one call,
 // fp32 on the CPU: sigmoid or ReLU, average or max pooling (exercise 1's "modern" LeNet), label
-// smoothing, momentum (plain or Nesterov) and weight decay as torch.optim.SGD computes them. Built and documented by lenet/fused.py; see its docstring for the
-// numbers this file is checked against.
+// smoothing, momentum (plain or Nesterov) and weight decay as torch.optim.SGD computes them.
+// Built and documented by lenet/fused.py; see its docstring for the numbers this file is
+// checked against.
 //
 // Why one call: at batch 128 on a few cores PyTorch autograd spends most of a step on per-op
 // dispatch and on full-size passes over the 600k conv1 activations; here every image stays in
@@ -351,7 +352,8 @@ void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const S
       const int ld = bs * 100;
       im2col(p1, bs, cols, ld);
       gemm(false, false, 16, ld, kCols, 1.f, p.w2, kCols, cols, ld, 0.f, z2, ld);
-      conv2_epilogue<Relu, Max>(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr, F + n0 * kFeat);
+      conv2_epilogue<Relu, Max>(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr,
+                                F + n0 * kFeat);
     }
   });
 }
