@@ -159,6 +159,11 @@ def main() -> None:
     if found is None:
         sys.exit("Fashion-MNIST not found: run 'make data' or 'lenet data fetch fashion-mnist'")
     data = str(found[1])
+    from lenet import fused
+
+    # Built at install (make setup); built here if not, so no contender's wall time and
+    # memory include a compiler run.
+    kernel = "ready" if fused.load() is not None else f"unavailable ({fused.why_unavailable()})"
     gflops = matmul_gflops()
     floor = gflops * 1e9 / FLOP_PER_EXAMPLE
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -166,7 +171,8 @@ def main() -> None:
           f"{platform.python_version()}")
     print(f"fp32 matmul {gflops:.0f} GFLOP/s -> compute floor ~{floor:,.0f} examples/s "
           f"(book LeNet-5, {FLOP_PER_EXAMPLE / 1e6:.1f} MFLOP per training example)")
-    print(f"{a.epochs} epochs, batch 128, lr 0.9, seed 0; data {data}\n", flush=True)
+    print(f"{a.epochs} epochs, batch 128, lr 0.9, seed 0; data {data}; fused kernel {kernel}\n",
+          flush=True)
 
     results = []
     for name in a.only.split(","):
