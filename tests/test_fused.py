@@ -114,6 +114,18 @@ def test_lenet_fused_0_turns_it_off(monkeypatch):
         fused._reset_for_tests()
 
 
+def test_needs_build_says_whether_load_would_compile(kernel, monkeypatch, tmp_path):
+    assert not fused.needs_build()  # loaded (the fixture)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    fused._reset_for_tests()
+    try:
+        assert fused.needs_build()  # an empty cache: load() would build
+        monkeypatch.setenv("LENET_FUSED", "0")
+        assert not fused.needs_build()  # turned off: nothing to build
+    finally:
+        fused._reset_for_tests()
+
+
 def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error deliberately broken\n")

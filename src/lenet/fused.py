@@ -115,6 +115,20 @@ def load() -> object | None:
         return _loaded.ext
 
 
+def needs_build() -> bool:
+    """Whether `load()` would compile the kernel now (about a minute) rather than load a
+    build from torch's extension cache: for a caller that wants to say why it waits."""
+    if _disabled() or _loaded is not None or _cpu_problem() or _source_problem():
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        folder = Path(cpp_extension._get_build_directory(_build_name(), verbose=False))
+    except Exception:  # a private helper of torch's: if it moved, say nothing
+        return False
+    return not (folder / f"{_build_name()}.so").is_file()
+
+
 def why_unavailable() -> str | None:
     """Why `load()` gives None (None if it has not failed, or has not been called)."""
     if _disabled():
