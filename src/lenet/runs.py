@@ -134,7 +134,7 @@ class RunWriter(Callback):
 
     def __init__(self, folder: RunFolder, cfg: RunConfig, model_summary: str):
         self.folder, self.cfg, self.model_summary = folder, cfg, model_summary
-        self._plotted: tuple[int, float] | None = None  # (epochs drawn, when)
+        self._plotted = (0, time.monotonic())  # (epochs drawn, when); reset at fit start
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._plotted = (0, time.monotonic())
@@ -146,7 +146,7 @@ class RunWriter(Callback):
             if metrics.test_acc >= max(m.test_acc for m in trainer.history):
                 self._save(f.best, trainer)
             f.write_metrics(trainer.history)
-            if (trainer.epoch == trainer.spec.epochs or self._plotted is None
+            if (trainer.epoch == trainer.spec.epochs
                     or time.monotonic() - self._plotted[1] >= self.PLOT_EVERY_S):
                 self._plot(trainer)
 
@@ -156,7 +156,7 @@ class RunWriter(Callback):
             self._plot(trainer)
 
     def _plot(self, trainer: Trainer) -> None:
-        if trainer.history and (self._plotted or (0,))[0] != len(trainer.history):
+        if trainer.history and self._plotted[0] != len(trainer.history):
             plots.training_curves(trainer.history, self.folder.curves,
                                   title=self.folder.path.name)
             self._plotted = (len(trainer.history), time.monotonic())

@@ -61,12 +61,16 @@ class Callback:
     def on_fit_end(self, trainer: Trainer) -> None: ...
 
 
-def pick_engine(model_spec, spec: TrainSpec, device: torch.device) -> tuple[str, str]:
+def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
+                say=None) -> tuple[str, str]:
     """The fused kernel when it computes exactly this recipe here, else autograd; with a
-    few words on why, for the run's header."""
+    few words on why, for the run's header. `say` hears why it waits when the kernel must
+    be built first (about a minute, once)."""
     from lenet import fused
 
     reason = fused.supports(model_spec, spec, device)
+    if reason is None and say is not None and fused.needs_build():
+        say("building the fused C++ kernel (once, about a minute)")
     if reason is None and fused.load() is not None:
         return "fused", "fused C++ kernel (LENET_FUSED=0 for PyTorch autograd)"
     return "autograd", f"PyTorch autograd (fused kernel: {reason or fused.why_unavailable()})"
@@ -92,10 +96,10 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optim
 
 def channels_last_pays(model: torch.nn.Module) -> bool:
     """Whether autograd steps on the CPU are faster with `model` in channels-last layout
-    (oneDNN's convolutions). benchmarks/layout_speed.py, 2 threads: book 1.08x, modern
-    1.19x, best 1.45x; but BatchNorm over few channels is slower that way (fast, 6 and 16
-    channels: 0.76x). A fixed rule, not a timing at start-up: the layout changes the last
-    bits of the results, and the same seed must give the same run."""
+    (oneDNN's convolutions). benchmarks/layout_speed.py, 2 threads: book 1.39x, modern
+    1.31x, best 1.53x; but BatchNorm over few channels is slower that way (modern +
+    BatchNorm, 6 and 16 channels: 0.74x). A fixed rule, not a timing at start-up: the
+    layout changes the last bits of the results, and the same seed must give the same run."""
     return not any(isinstance(m, torch.nn.BatchNorm2d) and m.num_features < 16
                    for m in model.modules())
 
@@ -204,20 +208,16 @@ class Trainer:
         if resume is not None and (self.dist is None or self.dist.is_main):  # counted once
             loss_sum += resume["loss_sum"].to(self.device)
             correct += resume["correct"].to(self.device)
-        scheduled = self.spec.schedule != "constant" or self.spec.warmup > 0
         world = self.dist.world if self.dist is not None else 1
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
-            lr = self.spec.lr
-            if scheduled:
-                lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
-                           self.spec.epochs * len(train))
+            lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
+                       self.spec.epochs * len(train))
             if self.fused is not None:  # forward, loss, backward and update in one call
                 loss, right = self.fused.step(x, y, lr)
                 loss_total = loss.detach() * len(y)
             else:
-                if scheduled:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
                 logits = self.step_model(x)
                 total = F.cross_entropy(logits, y, reduction="sum",
                                         label_smoothing=self.spec.label_smoothing)
