@@ -483,3 +483,30 @@ def test_the_trainer_hands_the_kernel_bytes(kernel):
             engine="fused").fit(book(), train, test)
     assert train.as_bytes and not test.as_bytes
     assert next(iter(train))[0].dtype == torch.uint8
+
+
+def test_pick_engine_says_when_the_kernel_must_be_built_first(kernel, monkeypatch):
+    from lenet.train import pick_engine
+
+    said = []
+    monkeypatch.setattr(fused, "needs_build", lambda: True)
+    assert pick_engine(ModelSpec(), TrainSpec(), "cpu", say=said.append)[0] == "fused"
+    assert said == ["building the fused C++ kernel (once, about a minute)"]
+    said.clear()
+    assert pick_engine(ModelSpec(activation="tanh"), TrainSpec(), "cpu",
+                       say=said.append)[0] == "autograd"
+    assert said == []  # nothing to build for a recipe the kernel does not compute
+
+
+def test_gradients_before_the_first_step_leave_the_momentum_unstarted(kernel):
+    """torch.optim.SGD starts its momentum buffer at the first update; reading gradients
+    (no update) must not count as one."""
+    model = book(seed=6, activation="relu", pooling="max")
+    ref = copy.deepcopy(model)
+    step = fused.FusedStep(model, 0.05, momentum=0.9)
+    x, y = batch(32, seed=8)
+    step._gradients(x, y)
+    assert step.state_dict()["state"] == {}
+    step.step(x, y)
+    autograd_step(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), x, y)
+    assert_params_close(model, ref)

@@ -325,11 +325,7 @@ def _train(a, folders: list) -> int:
                  f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")
 
     if dist is None:
-        from lenet import fused
-
-        if fused.supports(cfg.model, cfg.train, device) is None and fused.needs_build():
-            progress.say("building the fused C++ kernel (once, about a minute)")
-        engine, engine_text = pick_engine(cfg.model, cfg.train, device)
+        engine, engine_text = pick_engine(cfg.model, cfg.train, device, say=progress.say)
     else:  # the fused kernel is one process's whole step; DDP needs autograd's gradients
         engine, engine_text = "autograd", "PyTorch autograd (data-parallel)"
         low, extra = divmod(cfg.train.batch_size, dist.world)

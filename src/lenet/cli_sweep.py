@@ -192,7 +192,7 @@ def _train(trial, cfg, folder, ds, device) -> float:
     model = init_model(cfg.model, cfg.train.seed)
     table = _summary_table(cfg, model)
     log = ConsoleProgress(stream=io.StringIO(), log_path=folder.log, bar=False)
-    engine, engine_text = pick_engine(cfg.model, cfg.train, device)
+    engine, engine_text = pick_engine(cfg.model, cfg.train, device, say=log.say)
     log.say(f"sweep trial {trial.number}; step: {engine_text}")
     trainer = Trainer(cfg.train, device,
                       [log, RunWriter(folder, cfg, table), sweep.PruneCallback(trial)], engine)

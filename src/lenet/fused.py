@@ -265,11 +265,11 @@ class FusedStep:
         self._ext = ext
         # Buffers the kernel grows to the largest batch seen and reuses: activations kept
         # for the backward, the gradients (read by tests through `_gradients`) and the
-        # momentum buffers (empty until the first update: torch.optim.SGD starts them there).
+        # momentum buffers (empty until the first update with momentum: torch.optim.SGD
+        # starts them there, and the kernel grows this one then).
         self._workspace = torch.empty(0)
         self._grads = torch.empty(0)
         self._momentum_buf = torch.empty(0)
-        self._momentum_started = False
 
     @classmethod
     def for_recipe(cls, model: torch.nn.Sequential, spec: TrainSpec) -> FusedStep:
@@ -284,9 +284,7 @@ class FusedStep:
         learning rate `lr` (default: the one given at construction). Returns (mean loss,
         number of right argmax predictions) as 0-d tensors, both from the forward pass
         before the update, as an autograd step would report them."""
-        out = self._call(x, y, update=True, lr=self.lr if lr is None else float(lr))
-        self._momentum_started = self.momentum != 0
-        return out
+        return self._call(x, y, update=True, lr=self.lr if lr is None else float(lr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes) of the current parameters; no autograd graph."""
@@ -297,7 +295,7 @@ class FusedStep:
         """The optimizer state in torch.optim.SGD's format (momentum buffers per parameter)."""
         params = self._params()
         state = {}
-        if self._momentum_started:
+        if self._momentum_buf.numel():
             for i, buf in enumerate(self._split(self._momentum_buf, params)):
                 state[i] = {"momentum_buffer": buf.clone()}
         return {"state": state, "param_groups": [{
@@ -313,12 +311,11 @@ class FusedStep:
         bufs = [state.get(i, state.get(str(i), {})).get("momentum_buffer")
                 for i in range(len(params))]
         if self.momentum == 0 or all(b is None for b in bufs):
-            self._momentum_started = False
+            self._momentum_buf = torch.empty(0)
             return
         if any(b is None or b.shape != p.shape for b, p in zip(bufs, params, strict=True)):
             raise ConfigError("fused step: the saved optimizer state does not fit this model")
         self._momentum_buf = torch.cat([b.detach().reshape(-1).float() for b in bufs])
-        self._momentum_started = True
 
     def _call(self, x, y, *, update: bool, lr: float):
         return self._ext.train_step(
@@ -326,7 +323,7 @@ class FusedStep:
             workspace=self._workspace, momentum_buf=self._momentum_buf, relu=self.relu,
             max_pool=self.max_pool, smoothing=self.label_smoothing, update=update, lr=lr,
             momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
-            first=not self._momentum_started, block=self.block)
+            first=self._momentum_buf.numel() == 0, block=self.block)
 
     def _params(self) -> list[torch.Tensor]:
         # Live tensors every call: a replaced parameter is seen. detach() shares storage,

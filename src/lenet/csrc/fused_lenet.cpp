@@ -784,7 +784,8 @@ std::pair<double, int64_t> step_impl(const Images& x, const int64_t* y, int64_t 
 
 // One SGD step on (x, y); returns (mean loss, number right) from the forward before the
 // update. `grads`, `ws` and `momentum_buf` are caller-held buffers, grown here as needed
-// (momentum_buf holds the momentum buffers between steps; `first` says it is not yet set).
+// (momentum_buf holds the momentum buffers between steps, grown by the first update with
+// momentum, which `first` marks).
 // Without `update` the parameters are left alone and `grads` holds the gradients (for tests).
 std::tuple<torch::Tensor, torch::Tensor> train_step(
     torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> P, torch::Tensor grads,
@@ -811,7 +812,7 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(
   float* G4 = w; w += N * kH4;
   float* dF = w;
   float* g = ensure(grads, num_grads(C));
-  float* buf = momentum != 0.0 ? ensure(momentum_buf, num_grads(C)) : nullptr;
+  float* buf = update && momentum != 0.0 ? ensure(momentum_buf, num_grads(C)) : nullptr;
 
   auto* step = relu ? (max_pool ? step_impl<true, true> : step_impl<true, false>)
                     : (max_pool ? step_impl<false, true> : step_impl<false, false>);
