@@ -132,7 +132,7 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv("LENET_FUSED", raising=False)
     for source, words in ((broken, ""), (tmp_path / "absent.cpp", "missing")):
-        monkeypatch.setattr(fused, "SOURCE", source)
+        monkeypatch.setattr(fused, "SOURCES", (source, fused.SOURCES[1]))
         fused._reset_for_tests()
         try:
             assert fused.load() is None  # whatever the reason here: no compiler, no ninja, ...

@@ -90,7 +90,9 @@ class TrainSpec:
     #                        flip+shift: and random shifts of up to 2 px
     seed: int = 0  # init, shuffling: same seed on the CPU, same metrics.csv
     device: str = "auto"  # cuda when available, else cpu
-    eval_batch_size: int = 2_000  # large batches without autograd; 10,000 at once costs ~0.4 GB
+    # Without autograd; 500 keeps a batch's activations near the CPU's caches: evaluating
+    # `best` takes 0.77 s at 500, 2.2 s at 2,000 (book on autograd 0.35 vs 0.70 s).
+    eval_batch_size: int = 500
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)

@@ -53,7 +53,10 @@ import torch
 from lenet.config import ConvSpec, ModelSpec, TrainSpec
 from lenet.errors import ConfigError, LenetError
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_lenet.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+# One extension, one build: the book's whole step, and BatchNorm-ReLU-max-pool blocks for
+# the autograd path (lenet.blocks).
+SOURCES = (_CSRC / "fused_lenet.cpp", _CSRC / "blocks.cpp")
 # Not -march=native: a cached build must stay valid when the cache moves between CPUs of the
 # same family; AVX2+FMA is what the kernels use.
 # -fopenmp: at::parallel_for is a header template; without it the pragma compiles away and
@@ -160,7 +163,7 @@ def _build_and_load() -> _Loaded:
         with warnings.catch_warnings(), _tools_on_path():
             warnings.simplefilter("ignore")
             cpp_extension.verify_ninja_availability()
-            ext = cpp_extension.load(name=_build_name(), sources=[str(SOURCE)],
+            ext = cpp_extension.load(name=_build_name(), sources=[str(s) for s in SOURCES],
                                      extra_cflags=list(CFLAGS),
                                      extra_ldflags=["-fopenmp"], verbose=False)
         return _Loaded(ext, None)
@@ -195,8 +198,9 @@ def _cpuinfo_flags() -> set[str] | None:
 
 
 def _source_problem() -> str | None:
-    if not SOURCE.is_file():
-        return f"its source {SOURCE} is missing from this installation"
+    for source in SOURCES:
+        if not source.is_file():
+            return f"its source {source} is missing from this installation"
     return None
 
 
@@ -206,8 +210,8 @@ def _build_name() -> str:
     locks the folder while building, so processes building the same version wait in turn).
     The source's path is part of the key: ninja rebuilds whenever the path in its build file
     changes, so two checkouts sharing one folder would rebuild each other's build forever."""
-    key = (SOURCE.read_bytes() + repr(CFLAGS).encode() + torch.__version__.encode()
-           + str(SOURCE.resolve()).encode())
+    key = b"".join(s.read_bytes() + str(s.resolve()).encode() for s in SOURCES)
+    key += repr(CFLAGS).encode() + torch.__version__.encode()
     return f"lenet_fused_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -343,12 +347,17 @@ class FusedStep:
 
 
 def inference_forward(model: torch.nn.Module, device: torch.device | str):
-    """The fused kernel's forward for a book LeNet-5 on the CPU (5x faster than autograd's
-    for evaluation), or None to use model(x)."""
+    """A faster forward for evaluation on the CPU, or None to use model(x): the fused
+    kernel's for a book LeNet-5 (5x autograd's), else lenet.blocks' for a model with
+    BatchNorm-ReLU-max-pool blocks."""
+    from lenet import blocks
+
     kind = device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
-    if kind != "cpu" or layout_problem(model) is not None or load() is None:
+    if kind != "cpu" or load() is None:
         return None
-    return FusedStep(model, 0.0).forward
+    if layout_problem(model) is None:
+        return FusedStep(model, 0.0).forward
+    return blocks.BlockForward(model) if blocks.has_blocks(model) else None
 
 
 def _layout(act: type, pool: type) -> tuple[type, ...]:

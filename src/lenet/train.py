@@ -63,16 +63,23 @@ class Callback:
 
 def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
                 say=None) -> tuple[str, str]:
-    """The fused kernel when it computes exactly this recipe here, else autograd; with a
-    few words on why, for the run's header. `say` hears why it waits when the kernel must
+    """The fused kernel when it computes exactly this recipe here; else autograd, with the
+    BatchNorm blocks in C++ where lenet.blocks computes them; with a few words on why, for
+    the run's header. `say` hears why it waits when the kernel must
     be built first (about a minute, once)."""
     from lenet import fused
 
+    from lenet import blocks
+
     reason = fused.supports(model_spec, spec, device)
-    if reason is None and say is not None and fused.needs_build():
+    block_reason = blocks.supports(model_spec, device)
+    if (reason is None or block_reason is None) and say is not None and fused.needs_build():
         say("building the fused C++ kernel (once, about a minute)")
     if reason is None and fused.load() is not None:
         return "fused", "fused C++ kernel (LENET_FUSED=0 for PyTorch autograd)"
+    if reason is not None and block_reason is None and fused.load() is not None:
+        return "blocks", ("PyTorch autograd, BatchNorm-ReLU-max-pool blocks in C++ "
+                          f"(whole-step kernel: {reason}; LENET_FUSED=0 for plain autograd)")
     return "autograd", f"PyTorch autograd (fused kernel: {reason or fused.why_unavailable()})"
 
 
@@ -128,7 +135,9 @@ class Trainer:
         self.spec = spec
         self.device = device
         self.callbacks = list(callbacks)
-        self.engine = engine  # "autograd", or "fused" (see lenet.fused; same math, one call)
+        # "autograd"; "fused" (lenet.fused: the same math in one call); or "blocks"
+        # (autograd with BatchNorm-ReLU-max-pool blocks in C++, lenet.blocks)
+        self.engine = engine
         self.fused = None
         # Data-parallel (lenet.distributed.Dist, under torchrun): the step runs through a
         # DistributedDataParallel wrapper; self.model stays the plain network, for
@@ -171,10 +180,16 @@ class Trainer:
             self.fused = self.optimizer = FusedStep.for_recipe(model, self.spec)
             train.as_bytes = train.resize is None  # the kernel scales the bytes itself
         else:
-            if self.device.type == "cpu" and channels_last_pays(model):
+            # The blocks work on channels-last tensors; so do the convolutions around them.
+            if self.device.type == "cpu" and (self.engine == "blocks"
+                                              or channels_last_pays(model)):
                 model.to(memory_format=torch.channels_last)
             self.optimizer = make_optimizer(model, self.spec)
         self.step_model = model
+        if self.engine == "blocks":
+            from lenet.blocks import BlockForward
+
+            self.step_model = BlockForward(model)
         if self.dist is not None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -249,8 +264,10 @@ class Trainer:
         train_loss = loss_sum.item() / train.num_examples
         train_acc = correct.item() / train.num_examples
         loop_s = spent + time.perf_counter() - t0
-        test_loss, test_acc = evaluate(model, test,
-                                       forward=self.fused.forward if self.fused else None,
+        forward = self.fused.forward if self.fused else None
+        if self.engine == "blocks":
+            forward = self.step_model
+        test_loss, test_acc = evaluate(model, test, forward=forward,
                                        reduce=distributed.sum_ if self.dist else None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)

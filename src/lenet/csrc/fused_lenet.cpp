@@ -847,6 +847,21 @@ torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, bool relu, 
   return L;
 }
 
+// blocks.cpp
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_forward(
+    torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
+    torch::Tensor running_var, double momentum, double eps);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
+    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor out,
+    torch::Tensor index, torch::Tensor mean, torch::Tensor invstd);
+torch::Tensor bn_relu_pool_inference(torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                                     torch::Tensor running_mean, torch::Tensor running_var,
+                                     double eps);
+torch::Tensor conv1x_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                             int64_t pad);
+std::tuple<torch::Tensor, torch::Tensor> conv1x_backward(torch::Tensor dout, torch::Tensor x,
+                                                         torch::Tensor weight, int64_t pad);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("train_step", &train_step, "one fused SGD step of the book LeNet-5", py::arg("x"),
@@ -856,4 +871,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_decay"), py::arg("first"), py::arg("block"));
   m.def("forward", &forward, "logits of the book LeNet-5", py::arg("x"), py::arg("params"),
         py::arg("relu"), py::arg("max_pool"), py::arg("block"));
+  m.def("bn_relu_pool_forward", &bn_relu_pool_forward,
+        "BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool of a channels-last tensor",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("momentum"), py::arg("eps"));
+  m.def("bn_relu_pool_backward", &bn_relu_pool_backward, "the gradients of bn_relu_pool_forward",
+        py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("index"),
+        py::arg("mean"), py::arg("invstd"));
+  m.def("bn_relu_pool_inference", &bn_relu_pool_inference,
+        "bn_relu_pool_forward in eval mode: the running statistics, nothing updated",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("eps"));
+  m.def("conv1x_forward", &conv1x_forward,
+        "a one-input-channel KxK convolution (K 3 or 5), output channels-last", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("pad"));
+  m.def("conv1x_backward", &conv1x_backward, "the weight and bias gradients of conv1x_forward",
+        py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("pad"));
 }
