@@ -1,6 +1,7 @@
 """Training-step speed, batch 128: PyTorch autograd (as the trainer runs it) vs the fused C++
-step (lenet.fused) for the book and fast presets' recipes, at 1 and 2 threads, plus an eval
-forward of 10,000 images.
+step (lenet.fused) for the book and fast presets' recipes, and vs autograd with the C++
+BatchNorm blocks (lenet.blocks) for the best preset's, at 1 and 2 threads, plus evaluation
+forwards of 10,000 images.
 
     python benchmarks/step_speed.py [--rounds 12] [--steps 10]
 
@@ -20,27 +21,27 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lenet import fused, models
-from lenet.config import PRESETS, ModelSpec
+from lenet import blocks, fused, models
+from lenet.config import PRESETS
 from lenet.train import channels_last_pays, make_optimizer
 
 BATCH = 128  # the book's
-LR = 0.9  # the book preset's
 EVAL_IMAGES = 10_000  # Fashion-MNIST's test split
 
 
-def autograd_step(preset, x, y):
+def autograd_step(preset, x, y, with_blocks=False):
     """The trainer's autograd step for a preset's recipe (its optimizer, label smoothing and
-    memory layout)."""
+    memory layout), optionally with the C++ BatchNorm blocks."""
     cfg = PRESETS[preset]
     model = models.init_model(cfg.model, 0)
-    if channels_last_pays(model):
+    if with_blocks or channels_last_pays(model):
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg.train)
+    forward = blocks.BlockForward(model) if with_blocks else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing).backward()
+        F.cross_entropy(forward(x), y, label_smoothing=cfg.train.label_smoothing).backward()
         opt.step()
     return step
 
@@ -62,8 +63,12 @@ def measure_steps(rounds: int, steps: int, preset: str) -> dict[str, list[float]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(BATCH, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
-    variants = {f"{preset}: autograd": autograd_step(preset, x, y),
-                f"{preset}: fused C++ step": fused_step(preset, x, y)}
+    if preset == "best":
+        variants = {f"{preset}: autograd": autograd_step(preset, x, y),
+                    f"{preset}: autograd + C++ blocks": autograd_step(preset, x, y, True)}
+    else:
+        variants = {f"{preset}: autograd": autograd_step(preset, x, y),
+                    f"{preset}: fused C++ step": fused_step(preset, x, y)}
     for fn in variants.values():  # warm-up: allocator, MKL and OpenMP thread pools
         ms_per_call(fn, 5)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -73,12 +78,17 @@ def measure_steps(rounds: int, steps: int, preset: str) -> dict[str, list[float]
     return times
 
 
-def measure_eval(repeats: int = 3) -> dict[str, list[float]]:
-    x = torch.rand(EVAL_IMAGES, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    model = models.init_model(ModelSpec(), 0).eval()
-    f = fused.FusedStep(model, LR)
-    variants = {"eval 10k: autograd inference_mode": lambda: model(x),
-                "eval 10k: fused forward": lambda: f.forward(x)}
+def measure_eval(preset: str, repeats: int = 3) -> dict[str, list[float]]:
+    """A 10,000-image forward in eval mode, in the evaluation's batches of 500."""
+    xs = torch.rand(EVAL_IMAGES, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    xs = xs.split(500)
+    model = models.init_model(PRESETS[preset].model, 0).eval()
+    if preset == "best":
+        model.to(memory_format=torch.channels_last)
+    fast = fused.inference_forward(model, "cpu")
+    kind = "fused forward" if preset != "best" else "C++ blocks"
+    variants = {f"eval 10k {preset}: autograd": lambda: [model(x) for x in xs],
+                f"eval 10k {preset}: {kind}": lambda: [fast(x) for x in xs]}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
         for fn in variants.values():
@@ -109,7 +119,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         for times, per in ((measure_steps(args.rounds, args.steps, "book"), BATCH),
                            (measure_steps(args.rounds, args.steps, "fast"), BATCH),
-                           (measure_eval(), EVAL_IMAGES)):
+                           (measure_steps(args.rounds, args.steps, "best"), BATCH),
+                           (measure_eval("book"), EVAL_IMAGES),
+                           (measure_eval("best"), EVAL_IMAGES)):
             base = min(next(iter(times.values())))
             for name, ts in times.items():
                 best = min(ts)

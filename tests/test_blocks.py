@@ -47,8 +47,8 @@ def reference_block(x, w, b, dout, dtype):
 
 def our_block(ext, x, w, b, dout):
     rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
-    out, index, mean, invstd = ext.bn_relu_pool_forward(x, w, b, rm, rv, 0.1, 1e-5)
-    dx, dw, db = ext.bn_relu_pool_backward(dout, x, w, out, index, mean, invstd)
+    out, code, xmax, mean, invstd = ext.bn_relu_pool_forward(x, w, b, rm, rv, 0.1, 1e-5)
+    dx, dw, db = ext.bn_relu_pool_backward(dout, x, w, code, xmax, mean, invstd)
     return out, dx, dw, db, rm, rv
 
 
@@ -221,7 +221,8 @@ def test_pick_engine_chooses_the_blocks_for_best_and_plain_autograd_without_the_
     engine, text = pick_engine(BEST.model, BEST.train, torch.device("cpu"))
     assert engine == "blocks" and "BatchNorm-ReLU-max-pool blocks in C++" in text
     monkeypatch.setenv("LENET_FUSED", "0")
-    assert pick_engine(BEST.model, BEST.train, torch.device("cpu"))[0] == "autograd"
+    assert pick_engine(BEST.model, BEST.train, torch.device("cpu")) == (
+        "autograd", "PyTorch autograd (C++ blocks: turned off by LENET_FUSED=0)")
     odd = replace(BEST.model, convs=(ConvSpec(6, 3, 1), ConvSpec(16, 3, 1)))
     monkeypatch.delenv("LENET_FUSED")
     assert pick_engine(odd, BEST.train, torch.device("cpu"))[0] == "autograd"

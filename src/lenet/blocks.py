@@ -144,9 +144,9 @@ class _BnReluPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn, ext):
         with torch.no_grad():  # running statistics are updated in place, outside the graph
-            out, index, mean, invstd = ext.bn_relu_pool_forward(
+            out, code, xmax, mean, invstd = ext.bn_relu_pool_forward(
                 x, weight, bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
-        ctx.save_for_backward(x, weight, out, index, mean, invstd)
+        ctx.save_for_backward(x, weight, code, xmax, mean, invstd)
         ctx.ext = ext
         return out
 

@@ -65,11 +65,9 @@ def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
                 say=None) -> tuple[str, str]:
     """The fused kernel when it computes exactly this recipe here; else autograd, with the
     BatchNorm blocks in C++ where lenet.blocks computes them; with a few words on why, for
-    the run's header. `say` hears why it waits when the kernel must
-    be built first (about a minute, once)."""
-    from lenet import fused
-
-    from lenet import blocks
+    the run's header. `say` hears why it waits when the kernel must be built first (about
+    a minute, once)."""
+    from lenet import blocks, fused
 
     reason = fused.supports(model_spec, spec, device)
     block_reason = blocks.supports(model_spec, device)
@@ -80,6 +78,8 @@ def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
     if reason is not None and block_reason is None and fused.load() is not None:
         return "blocks", ("PyTorch autograd, BatchNorm-ReLU-max-pool blocks in C++ "
                           f"(whole-step kernel: {reason}; LENET_FUSED=0 for plain autograd)")
+    if reason is not None and block_reason is None:  # the kernel could not be loaded
+        return "autograd", f"PyTorch autograd (C++ blocks: {fused.why_unavailable()})"
     return "autograd", f"PyTorch autograd (fused kernel: {reason or fused.why_unavailable()})"
 
 

@@ -81,10 +81,20 @@ inline Window window(const float* x, const Geometry& g, int64_t n, int64_t ph, i
   return {{p0, p0 + g.C, p0 + g.W * g.C, p0 + g.W * g.C + g.C}};
 }
 
-// out = maxpool(relu(x * scale + shift)), and each output's window index 0..3 (as float)
-// into I unless it is null.
+// 8 int32 lanes of 0..255 <-> 8 bytes
+inline void store_bytes(uint8_t* p, __m256i v) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+}
+inline __m256i load_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// out = maxpool(relu(x * scale + shift)); unless null, for the backward: in `code` each
+// output's window position 0..3, plus 4 where the output is > 0 (ReLU passes a gradient), and
+// in `xmax` the input at that position (so the backward's sums need not read x again).
 void normalize_relu_pool(const float* X, const Geometry& g, const float* sc, const float* sh,
-                         float* O, float* I) {
+                         float* O, uint8_t* code, float* xmax) {
   at::parallel_for(0, g.N, 1, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; n++)
       for (int64_t ph = 0; ph < g.Hp; ph++)
@@ -93,17 +103,25 @@ void normalize_relu_pool(const float* X, const Geometry& g, const float* sc, con
           const int64_t q = g.pooled(n, ph, pw);
           for (int64_t c = 0; c < g.C; c += 8) {
             const __m256 s = _mm256_loadu_ps(sc + c), t = _mm256_loadu_ps(sh + c);
-            __m256 m = relu8(_mm256_fmadd_ps(_mm256_loadu_ps(x4.p[0] + c), s, t));
+            __m256 xm = _mm256_loadu_ps(x4.p[0] + c);
+            __m256 m = relu8(_mm256_fmadd_ps(xm, s, t));
             __m256 at = _mm256_setzero_ps();
             for (int j = 1; j < 4; j++) {
-              const __m256 v = relu8(_mm256_fmadd_ps(_mm256_loadu_ps(x4.p[j] + c), s, t));
+              const __m256 xj = _mm256_loadu_ps(x4.p[j] + c);
+              const __m256 v = relu8(_mm256_fmadd_ps(xj, s, t));
               const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ),
                                                _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
               m = _mm256_blendv_ps(m, v, take);
+              xm = _mm256_blendv_ps(xm, xj, take);
               at = _mm256_blendv_ps(at, _mm256_set1_ps((float)j), take);
             }
             _mm256_storeu_ps(O + q + c, m);
-            if (I) _mm256_storeu_ps(I + q + c, at);
+            if (code) {
+              const __m256 passes = _mm256_and_ps(
+                  _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(4.f));
+              store_bytes(code + q + c, _mm256_cvttps_epi32(_mm256_add_ps(at, passes)));
+              _mm256_storeu_ps(xmax + q + c, xm);
+            }
           }
         }
   });
@@ -126,13 +144,15 @@ torch::Tensor bn_relu_pool_inference(torch::Tensor x, torch::Tensor weight, torc
   }
   auto out = torch::empty({g.N, g.C, g.Hp, g.Wp}, x.options(), at::MemoryFormat::ChannelsLast);
   normalize_relu_pool(x.data_ptr<float>(), g, scale.data(), shift.data(),
-                      out.data_ptr<float>(), nullptr);
+                      out.data_ptr<float>(), nullptr, nullptr);
   return out;
 }
 
-// Returns (out (N, C, H/2, W/2) channels-last, window index of each output 0..3 as float,
-// mean (C), 1/sqrt(var + eps) (C)); updates running_mean and running_var in place.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_forward(
+// Returns (out (N, C, H/2, W/2) channels-last, and for the backward: code (uint8) and xmax
+// as normalize_relu_pool writes them, mean (C), 1/sqrt(var + eps) (C)); updates running_mean
+// and running_var in place.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+bn_relu_pool_forward(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
     torch::Tensor running_var, double momentum, double eps) {
   const Geometry g = check(x, weight);
@@ -166,27 +186,29 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_p
   }
 
   auto out = torch::empty({g.N, C, g.Hp, g.Wp}, x.options(), at::MemoryFormat::ChannelsLast);
-  auto index = torch::empty_like(out);
+  auto code = torch::empty_like(out, out.options().dtype(torch::kUInt8));
+  auto xmax = torch::empty_like(out);
   normalize_relu_pool(X, g, scale.data(), shift.data(), out.data_ptr<float>(),
-                      index.data_ptr<float>());
-  return {out, index, mean_t, invstd_t};
+                      code.data_ptr<uint8_t>(), xmax.data_ptr<float>());
+  return {out, code, xmax, mean_t, invstd_t};
 }
 
 // Returns (dx channels-last, dweight, dbias) from the output's gradient and what the forward
 // returned.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
-    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor out,
-    torch::Tensor index, torch::Tensor mean_t, torch::Tensor invstd_t) {
+    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor code_t,
+    torch::Tensor xmax_t, torch::Tensor mean_t, torch::Tensor invstd_t) {
   const Geometry g = check(x, weight);
   const int64_t C = g.C, M = g.N * g.H * g.W;
   dout = dout.contiguous(at::MemoryFormat::ChannelsLast);
-  const float *X = x.data_ptr<float>(), *O = out.data_ptr<float>(),
-              *I = index.data_ptr<float>(), *D = dout.data_ptr<float>();
+  const float *X = x.data_ptr<float>(), *XM = xmax_t.data_ptr<float>(),
+              *D = dout.data_ptr<float>();
+  const uint8_t* K = code_t.data_ptr<uint8_t>();
   const float *mean = mean_t.data_ptr<float>(), *invstd = invstd_t.data_ptr<float>();
+  const __m256i three = _mm256_set1_epi32(3);
 
-  // The gradient reaching each window's maximum through ReLU, and its sums per channel.
-  auto gate = torch::empty_like(out);
-  float* G = gate.data_ptr<float>();
+  // Sums per channel of the gradient reaching each window's maximum through ReLU (dy), and
+  // of dy (x - mean).
   std::vector<double> per_image(g.N * C * 2, 0.0);
   at::parallel_for(0, g.N, 1, [&](int64_t a, int64_t b) {
     std::vector<float> s(C), dot(C);
@@ -196,20 +218,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
         std::fill(dot.begin(), dot.end(), 0.f);
         for (int64_t pw = 0; pw < g.Wp; pw++) {
           const int64_t q = g.pooled(n, ph, pw);
-          const Window x4 = window(X, g, n, ph, pw);
           for (int64_t c = 0; c < C; c += 8) {
-            const __m256 gv = _mm256_and_ps(
-                _mm256_loadu_ps(D + q + c),
-                _mm256_cmp_ps(_mm256_loadu_ps(O + q + c), _mm256_setzero_ps(), _CMP_GT_OQ));
-            const __m256 k = _mm256_loadu_ps(I + q + c);
-            __m256 xv = _mm256_loadu_ps(x4.p[0] + c);
-            for (int j = 1; j < 4; j++)
-              xv = _mm256_blendv_ps(xv, _mm256_loadu_ps(x4.p[j] + c),
-                                    _mm256_cmp_ps(k, _mm256_set1_ps((float)j), _CMP_EQ_OQ));
-            _mm256_storeu_ps(G + q + c, gv);
-            _mm256_storeu_ps(s.data() + c, _mm256_add_ps(_mm256_loadu_ps(s.data() + c), gv));
-            _mm256_storeu_ps(dot.data() + c, _mm256_fmadd_ps(
-                gv, _mm256_sub_ps(xv, _mm256_loadu_ps(mean + c)), _mm256_loadu_ps(dot.data() + c)));
+            const __m256 passes =
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(load_bytes(K + q + c), three));
+            const __m256 dy = _mm256_and_ps(_mm256_loadu_ps(D + q + c), passes);
+            const __m256 centred =
+                _mm256_sub_ps(_mm256_loadu_ps(XM + q + c), _mm256_loadu_ps(mean + c));
+            _mm256_storeu_ps(s.data() + c, _mm256_add_ps(_mm256_loadu_ps(s.data() + c), dy));
+            _mm256_storeu_ps(dot.data() + c,
+                             _mm256_fmadd_ps(dy, centred, _mm256_loadu_ps(dot.data() + c)));
           }
         }
         double* acc = per_image.data() + n * C * 2;
@@ -236,13 +253,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
   auto dx = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
   float* DX = dx.data_ptr<float>();
   const float *pj = proj.data(), *gm = gmean.data(), *kk = k.data();
-  // dx = (dy - (x - mean) proj - gmean) k, where dy is the gate at a window's maximum, else 0
-  auto dx_at = [&](const float* xv, float* d, const float* gq, const float* iq, float j) {
+  // dx = (dy - (x - mean) proj - gmean) k; dy is dout at a window's maximum where ReLU
+  // passed it (code 4 + position), else 0.
+  auto dx_at = [&](const float* xv, float* d, int64_t q, int position) {
     for (int64_t c = 0; c < C; c += 8) {
       __m256 dy = _mm256_setzero_ps();
-      if (gq)
-        dy = _mm256_and_ps(_mm256_loadu_ps(gq + c), _mm256_cmp_ps(_mm256_loadu_ps(iq + c),
-                                                                  _mm256_set1_ps(j), _CMP_EQ_OQ));
+      if (q >= 0)
+        dy = _mm256_and_ps(_mm256_loadu_ps(D + q + c),
+                           _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                               load_bytes(K + q + c), _mm256_set1_epi32(4 + position))));
       const __m256 centred = _mm256_sub_ps(_mm256_loadu_ps(xv + c), _mm256_loadu_ps(mean + c));
       const __m256 v = _mm256_sub_ps(
           _mm256_fnmadd_ps(centred, _mm256_loadu_ps(pj + c), dy), _mm256_loadu_ps(gm + c));
@@ -254,12 +273,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
       for (int64_t h = 0; h < g.H; h++)
         for (int64_t w = 0; w < g.W; w++) {
           const int64_t at_ = g.pixel(n, h, w);
-          if (h < 2 * g.Hp && w < 2 * g.Wp) {
-            const int64_t q = g.pooled(n, h / 2, w / 2);
-            dx_at(X + at_, DX + at_, G + q, I + q, (float)((h & 1) * 2 + (w & 1)));
-          } else {  // a last odd row or column, outside every window
-            dx_at(X + at_, DX + at_, nullptr, nullptr, 0.f);
-          }
+          const bool windowed = h < 2 * g.Hp && w < 2 * g.Wp;  // else a last odd row/column
+          dx_at(X + at_, DX + at_, windowed ? g.pooled(n, h / 2, w / 2) : -1,
+                (int)((h & 1) * 2 + (w & 1)));
         }
   });
   return {dx, dweight, dbias};
@@ -396,7 +412,8 @@ std::tuple<torch::Tensor, torch::Tensor> conv1x_backward(torch::Tensor dout, tor
   std::vector<double> total(per, 0.0);
   for (int64_t n = 0; n < g.N; n++)
     for (int64_t k = 0; k < per; k++) total[k] += per_image[n * per + k];
-  auto dweight = torch::empty({C, 1, g.K, g.K}, x.options()), dbias = torch::empty({C}, x.options());
+  auto dweight = torch::empty({C, 1, g.K, g.K}, x.options());
+  auto dbias = torch::empty({C}, x.options());
   float *dw = dweight.data_ptr<float>(), *db = dbias.data_ptr<float>();
   for (int64_t c = 0; c < C; c++) {
     for (int64_t t = 0; t < KK; t++) dw[c * KK + t] = (float)total[t * C + c];

@@ -848,12 +848,13 @@ torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> P, bool relu, 
 }
 
 // blocks.cpp
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_forward(
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+bn_relu_pool_forward(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
     torch::Tensor running_var, double momentum, double eps);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> bn_relu_pool_backward(
-    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor out,
-    torch::Tensor index, torch::Tensor mean, torch::Tensor invstd);
+    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor code,
+    torch::Tensor xmax, torch::Tensor mean, torch::Tensor invstd);
 torch::Tensor bn_relu_pool_inference(torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
                                      torch::Tensor running_mean, torch::Tensor running_var,
                                      double eps);
@@ -876,7 +877,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("momentum"), py::arg("eps"));
   m.def("bn_relu_pool_backward", &bn_relu_pool_backward, "the gradients of bn_relu_pool_forward",
-        py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("index"),
+        py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("code"), py::arg("xmax"),
         py::arg("mean"), py::arg("invstd"));
   m.def("bn_relu_pool_inference", &bn_relu_pool_inference,
         "bn_relu_pool_forward in eval mode: the running statistics, nothing updated",
