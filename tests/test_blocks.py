@@ -163,11 +163,12 @@ def test_gradients_of_the_best_network_are_closer_to_float64_than_autograds(ext)
     model = best()
     theirs = gradients(model, model, x, y)
     ours = gradients(model, blocks.BlockForward(model), x, y)
+    # (the biases before a BatchNorm have a zero gradient: both errors are rounding there)
+    floor = 1e-6 * max(e.abs().max().item() for e in exact.values())
     for name, e in exact.items():
-        scale = e.abs().max().item()
         our_err = (ours[name] - e).abs().max().item()
         their_err = (theirs[name] - e).abs().max().item()
-        assert our_err <= max(2 * their_err, 1e-6 * scale), (name, our_err, their_err)
+        assert our_err <= max(2 * their_err, floor), (name, our_err, their_err)
 
 
 def test_running_statistics_and_batch_count_follow_batchnorm(ext):
@@ -255,3 +256,35 @@ def test_two_epochs_on_the_blocks_follow_plain_autograd(ext, tiny_data):
     for ours, theirs in zip(results["blocks"], results["autograd"], strict=True):
         assert ours == pytest.approx(theirs, rel=2e-3)
     assert results["blocks"][-1][0] < results["blocks"][0][0]
+
+
+def test_interrupt_and_resume_on_the_blocks_is_bit_identical(ext):
+    """Ctrl-C mid-epoch and a resume from the saved state end with exactly the weights,
+    running statistics and losses of the uninterrupted run (best's recipe, flips included)."""
+    from conftest import stop_and_save
+    from lenet.train import TrainingInterrupted
+
+    spec = replace(BEST.train, epochs=2, batch_size=64)
+    model_spec = replace(BEST.model, convs=(ConvSpec(8, 3, 1), ConvSpec(16, 3, 1)), dense=(32,))
+
+    def data():
+        x, y = batch(320, seed=3)
+        images = (x * 255).round().to(torch.uint8)[:, 0]
+        return (Batches(images, y, 64, augment="flip"),
+                Batches(images[:100], y[:100], 100))
+
+    def run(callbacks=(), resume=None):
+        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine="blocks")
+        if resume is not None:
+            trainer.restore(resume)
+        trainer.fit(models.init_model(model_spec, 0), *data())
+        return trainer
+
+    saved = {}
+    full = run()
+    with pytest.raises(TrainingInterrupted):
+        run([stop_and_save(saved)])
+    resumed = run(resume=saved)
+    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                 full.model.state_dict().values(), strict=True))

@@ -7,7 +7,9 @@ about a minute, later runs load it from torch's extension cache.
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +126,28 @@ def test_needs_build_says_whether_load_would_compile(kernel, monkeypatch, tmp_pa
         assert not fused.needs_build()  # turned off: nothing to build
     finally:
         fused._reset_for_tests()
+
+
+def test_a_cached_build_is_found_where_torch_puts_it_and_loaded_directly(kernel, monkeypatch,
+                                                                         tmp_path):
+    from torch.utils import cpp_extension
+
+    name = fused._build_name()
+    for extensions_dir in (None, str(tmp_path / "ext")):
+        if extensions_dir is not None:  # a copy of the build where torch would look for it
+            monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions_dir)
+            folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+            shutil.copy(so, folder / so.name)
+        so = fused._cached_build()
+        assert so == Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        fused._reset_for_tests()
+        try:
+            assert hasattr(fused.load(), "bn_relu_pool_forward")
+            assert not fused.needs_build()
+        finally:
+            fused._reset_for_tests()
+    (so.parent / "lock").touch()  # a build in progress: torch's loader waits for it
+    assert fused._cached_build() is None
 
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):

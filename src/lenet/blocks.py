@@ -1,11 +1,14 @@
 """BatchNorm -> ReLU -> 2x2 max-pool, the block a BatchNorm network (the `best` preset)
-repeats after every convolution, as one C++ autograd op for training on the CPU; the
-convolutions, dense layers and optimizer stay PyTorch's.
+repeats after every convolution, as one C++ autograd op for training on the CPU, and a
+first convolution of one input channel as another; the other convolutions, the dense layers
+and the optimizer stay PyTorch's.
 
 Why: autograd runs the block as batch_norm, relu and max_pool2d, their three backwards and a
-zero fill, each a full pass over the conv output: about 40% of a `best` step on 2 cores.
-The op (csrc/blocks.cpp, built into the fused kernel's extension) makes three passes
-forward and two backward, 3-4.5x faster than autograd's block (benchmarks/step_speed.py).
+zero fill, each a full pass over the conv output, and oneDNN runs the first convolution (one
+input channel) at ~8 GFLOP/s: together about half of a `best` step on 2 cores. The ops
+(csrc/blocks.cpp, built into the fused kernel's extension) work an image at a time while it
+is in cache, the block's backward from a byte per output and the input at each window's
+maximum (benchmarks/step_speed.py: the `best` step BEST_SPEEDUP).
 
     forward = BlockForward(model)   # model: a channels-last nn.Sequential from models.build
     logits = forward(x)             # training mode: autograd ops; eval: running statistics

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -123,6 +124,8 @@ def needs_build() -> bool:
     build from torch's extension cache: for a caller that wants to say why it waits."""
     if _disabled() or _loaded is not None or _cpu_problem() or _source_problem():
         return False
+    if _cached_build() is not None:
+        return False
     try:
         from torch.utils import cpp_extension
 
@@ -155,6 +158,15 @@ def _build_and_load() -> _Loaded:
     problem = _cpu_problem() or _source_problem()
     if problem:
         return _Loaded(None, problem)
+    cached = _cached_build()
+    if cached is not None:
+        try:
+            spec = importlib.util.spec_from_file_location(cached.stem, cached)
+            ext = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(ext)
+            return _Loaded(ext, None)
+        except Exception:  # a damaged build: torch's loader below builds it again
+            pass
     try:
         from torch.utils import cpp_extension
 
@@ -173,6 +185,33 @@ def _build_and_load() -> _Loaded:
         # what a user can act on.
         said = next((line for line in lines if "error:" in line.lower()), lines[0])
         return _Loaded(None, f"could not build it ({type(e).__name__}: {said[:200]})")
+
+
+def _cached_build() -> Path | None:
+    """The built extension in torch's extension cache, found where
+    torch.utils.cpp_extension.load puts it, without importing that module (~0.15 s of every
+    run; its load then also asks ninja whether the build is current, which the source hash in
+    the name already answers). None when it is not there, when a build holds the folder's
+    lock, or when torch's layout is not the one known here (then torch's loader decides)."""
+    try:
+        root = os.environ.get("TORCH_EXTENSIONS_DIR")
+        if root is None:
+            if torch.version.hip is not None:
+                accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+            elif torch.version.cuda is not None:
+                accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+            else:
+                accelerator = "cpu"
+            py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+            root = os.path.join(
+                os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions")),
+                f"{py}_{accelerator}")
+        name = _build_name()
+        folder = Path(root) / name
+        so = folder / f"{name}.so"
+        return so if so.is_file() and not (folder / "lock").exists() else None
+    except Exception:
+        return None
 
 
 def _cpu_problem() -> str | None:
