@@ -132,7 +132,8 @@ def test_bad_inputs_are_refused(ext):
     with pytest.raises(RuntimeError, match="channels-last"):
         ext.bn_relu_pool_forward(x.contiguous(), w, b, torch.zeros(8), torch.ones(8), 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        ext.bn_relu_pool_inference(x[:, :6].contiguous(memory_format=torch.channels_last), w[:6], b[:6], torch.zeros(6), torch.ones(6), 1e-5)
+        six = x[:, :6].contiguous(memory_format=torch.channels_last)
+        ext.bn_relu_pool_inference(six, w[:6], b[:6], torch.zeros(6), torch.ones(6), 1e-5)
     with pytest.raises(RuntimeError, match="3x3 or 5x5"):
         ext.conv1x_forward(torch.rand(2, 1, 8, 8), torch.rand(8, 1, 7, 7), torch.rand(8), 0)
 

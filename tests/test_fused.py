@@ -133,13 +133,15 @@ def test_a_cached_build_is_found_where_torch_puts_it_and_loaded_directly(kernel,
     from torch.utils import cpp_extension
 
     name = fused._build_name()
+    built = fused._cached_build()  # where the fixture's load() left it
     for extensions_dir in (None, str(tmp_path / "ext")):
         if extensions_dir is not None:  # a copy of the build where torch would look for it
             monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions_dir)
             folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-            shutil.copy(so, folder / so.name)
+            shutil.copy(built, folder / built.name)
         so = fused._cached_build()
-        assert so == Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        expected = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        assert so == expected
         fused._reset_for_tests()
         try:
             assert hasattr(fused.load(), "bn_relu_pool_forward")
