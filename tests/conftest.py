@@ -141,3 +141,36 @@ def stop_and_save(saved: dict, epoch: int = 1, step: int = 2):
                          history=[m.as_dict() for m in trainer.history])
 
     return StopAt()
+
+
+def interrupt_and_resume(spec, model_spec, engine: str, data):
+    """Trains to the end, then again stopped mid-epoch 2 (as Ctrl-C does) and resumed from
+    what the checkpoint would hold: (uninterrupted trainer, resumed trainer, saved state).
+    `data()` gives fresh (train, test) Batches."""
+    import pytest
+    import torch
+
+    from lenet import models
+    from lenet.train import Trainer, TrainingInterrupted
+
+    def run(callbacks=(), resume=None):
+        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine=engine)
+        if resume is not None:
+            trainer.restore(resume)
+        trainer.fit(models.init_model(model_spec, 0), *data())
+        return trainer
+
+    saved: dict = {}
+    full = run()
+    with pytest.raises(TrainingInterrupted):
+        run([stop_and_save(saved)])
+    return full, run(resume=saved), saved
+
+
+def assert_same_run(a, b) -> None:
+    """The same losses every epoch and bit-identical weights and buffers."""
+    import torch
+
+    assert [m.train_loss for m in a.history] == [m.train_loss for m in b.history]
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                 b.model.state_dict().values(), strict=True))

@@ -262,8 +262,7 @@ def test_two_epochs_on_the_blocks_follow_plain_autograd(ext, tiny_data):
 def test_interrupt_and_resume_on_the_blocks_is_bit_identical(ext):
     """Ctrl-C mid-epoch and a resume from the saved state end with exactly the weights,
     running statistics and losses of the uninterrupted run (best's recipe, flips included)."""
-    from conftest import stop_and_save
-    from lenet.train import TrainingInterrupted
+    from conftest import assert_same_run, interrupt_and_resume
 
     spec = replace(BEST.train, epochs=2, batch_size=64)
     model_spec = replace(BEST.model, convs=(ConvSpec(8, 3, 1), ConvSpec(16, 3, 1)), dense=(32,))
@@ -274,18 +273,5 @@ def test_interrupt_and_resume_on_the_blocks_is_bit_identical(ext):
         return (Batches(images, y, 64, augment="flip"),
                 Batches(images[:100], y[:100], 100))
 
-    def run(callbacks=(), resume=None):
-        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine="blocks")
-        if resume is not None:
-            trainer.restore(resume)
-        trainer.fit(models.init_model(model_spec, 0), *data())
-        return trainer
-
-    saved = {}
-    full = run()
-    with pytest.raises(TrainingInterrupted):
-        run([stop_and_save(saved)])
-    resumed = run(resume=saved)
-    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]
-    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
-                                                 full.model.state_dict().values(), strict=True))
+    full, resumed, _ = interrupt_and_resume(spec, model_spec, "blocks", data)
+    assert_same_run(resumed, full)

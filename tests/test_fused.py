@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import stop_and_save
+from conftest import assert_same_run, interrupt_and_resume
 from lenet import fused, models
 from lenet.config import ConvSpec, ModelSpec, TrainSpec
 from lenet.data import sources
@@ -372,8 +372,6 @@ def test_momentum_state_is_torch_sgds_both_ways(kernel):
 def test_interrupt_and_resume_of_the_modern_recipe_is_bit_identical(kernel):
     """The trainer on the fused engine with momentum and a schedule: Ctrl-C mid-epoch and a
     resume from the saved state end with exactly the uninterrupted weights."""
-    from lenet.train import Trainer, TrainingInterrupted
-
     spec = TrainSpec(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, schedule="cosine", warmup=0.2, label_smoothing=0.1)
     model_spec = replace(ModelSpec(), activation="relu", pooling="max")
@@ -383,23 +381,9 @@ def test_interrupt_and_resume_of_the_modern_recipe_is_bit_identical(kernel):
         images = (x * 255).round().to(torch.uint8)[:, 0]
         return Batches(images, y, 64), Batches(images[:100], y[:100], 100)
 
-    def run(callbacks=(), resume=None):
-        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine="fused")
-        if resume is not None:
-            trainer.restore(resume)
-        trainer.fit(models.init_model(model_spec, 0), *data())
-        return trainer
-
-    saved = {}
-
-    full = run()
-    with pytest.raises(TrainingInterrupted):
-        run([stop_and_save(saved)])
+    full, resumed, saved = interrupt_and_resume(spec, model_spec, "fused", data)
     assert saved["optimizer"]["state"]  # the momentum buffers are in the checkpoint
-    resumed = run(resume=saved)
-    assert [m.train_loss for m in resumed.history] == [m.train_loss for m in full.history]
-    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
-                                                 full.model.state_dict().values(), strict=True))
+    assert_same_run(resumed, full)
 
 
 @pytest.mark.parametrize("act, pool", KINDS[1:])
