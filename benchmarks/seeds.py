@@ -1,7 +1,8 @@
 """Accuracy as mean ± std over seeds: `lenet train --preset P --seed S` for each seed, each
 its own process, one after another, with its whole-process wall time.
 
-    python benchmarks/seeds.py [--preset fast] [--seeds 0,1,2,3,4] [--data DIR] [--keep DIR]
+    python benchmarks/seeds.py [--preset fast] [--seeds 0,1,2,3,4] [--epochs N] [--data DIR]
+                               [--keep DIR]
 
 Prints a row per seed and the mean ± std (sample std) of the final test accuracy and of
 the wall seconds. Not part of the test suite.
@@ -24,6 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="fast")
     p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--epochs", type=int, help="instead of the preset's")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--keep", help="keep the run folders under this folder")
     a = p.parse_args()
@@ -31,14 +33,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.keep or tmp)
         accs, walls = [], []
-        print(f"preset {a.preset}, seeds {a.seeds}")
+        print(f"preset {a.preset}, seeds {a.seeds}"
+              + (f", {a.epochs} epochs" if a.epochs else ""))
         print(f"{'seed':>4} {'test acc':>8} {'best':>6} {'wall s':>7} {'examples/s':>10}")
         for seed in seeds:
             out = root / f"{a.preset}-seed{seed}"
             t0 = time.perf_counter()
+            epochs = ["--epochs", str(a.epochs)] if a.epochs else []
             r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", a.preset,
                                 "--seed", str(seed), "--data", a.data, "--out", str(out),
-                                "--no-progress"], capture_output=True, text=True)
+                                "--no-progress", *epochs], capture_output=True, text=True)
             wall = time.perf_counter() - t0
             if r.returncode != 0:
                 sys.exit(f"seed {seed} failed: {r.stderr.strip()[-500:]}")
