@@ -27,15 +27,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lenet import fused
 from lenet.config import ModelSpec
 from lenet.errors import ConfigError, LenetError
+from lenet.fused import pair
 
 
 def supports(model_spec: ModelSpec, device: torch.device | str) -> str | None:
     """None when BlockForward fuses every conv block of this spec's network here, else
     why not. A pure check: never builds anything."""
     m = model_spec
-    kind = device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
+    kind = fused.device_kind(device)
     checks = [
         (kind != "cpu", f"device {kind}"),
         (not m.batch_norm, "no batch norm"),
@@ -55,8 +57,6 @@ class BlockForward:
     gradients enabled in eval mode it is `model(x)` itself)."""
 
     def __init__(self, model: nn.Sequential):
-        from lenet import fused
-
         self._ext = fused.load()
         if self._ext is None:
             raise LenetError("fused blocks: the C++ kernel is not available: "
@@ -75,7 +75,7 @@ class BlockForward:
                 how = "conv1x" if _is_single_channel_conv(layers[i]) else "torch"
                 self.plan.append((how, layers[i]))
                 i += 1
-        if not has_blocks(model):
+        if not any(how == "block" for how, _ in self.plan):
             raise ConfigError("fused blocks: the model has no BatchNorm2d -> ReLU -> 2x2 "
                               "max-pool block with a multiple of 8 channels")
 
@@ -124,8 +124,8 @@ def _is_block(layers: list[nn.Module]) -> bool:
                     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
             and type(act) is nn.ReLU
             and type(pool) is nn.MaxPool2d
-            and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
-            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+            and pair(pool.kernel_size) == (2, 2) and pair(pool.stride) == (2, 2)
+            and pair(pool.padding) == (0, 0) and pair(pool.dilation) == (1, 1)
             and not pool.ceil_mode and not pool.return_indices)
 
 
@@ -138,10 +138,6 @@ def _is_single_channel_conv(conv: nn.Module) -> bool:
             and conv.padding[0] == conv.padding[1] and conv.padding_mode == "zeros"
             and conv.bias is not None and conv.weight.dtype == torch.float32
             and conv.weight.device.type == "cpu")
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 class _BnReluPool(torch.autograd.Function):

@@ -76,7 +76,7 @@ def supports(model_spec: ModelSpec, train_spec: TrainSpec,
     """None when the fused kernel computes exactly this recipe, else why not (every reason,
     comma-separated). A pure check: never builds anything. Any number of classes works."""
     m, t = model_spec, train_spec
-    kind = device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
+    kind = device_kind(device)
     checks = [
         (kind != "cpu", f"device {kind}"),
         (t.optimizer != "sgd", f"optimizer {t.optimizer}"),
@@ -391,7 +391,7 @@ def inference_forward(model: torch.nn.Module, device: torch.device | str):
     BatchNorm-ReLU-max-pool blocks."""
     from lenet import blocks
 
-    kind = device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
+    kind = device_kind(device)
     if kind != "cpu" or load() is None:
         return None
     if layout_problem(model) is None:
@@ -429,10 +429,10 @@ def layout_problem(model: torch.nn.Module) -> str | None:
                 or conv.padding_mode != "zeros"):
             return f"a conv is not {cin}->{cout} 5x5 pad {pad} with bias"
     for pool in (pool1, pool2):
-        if (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)) != \
+        if (pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)) != \
                 ((2, 2), (2, 2), (0, 0)) or pool.ceil_mode or \
                 getattr(pool, "divisor_override", None) or \
-                _pair(getattr(pool, "dilation", 1)) != (1, 1) or \
+                pair(getattr(pool, "dilation", 1)) != (1, 1) or \
                 getattr(pool, "return_indices", False):
             return "a pooling layer is not 2x2 stride 2"
     widths = [(fc.in_features, fc.out_features) for fc in (fc1, fc2, fc3)]
@@ -446,5 +446,11 @@ def layout_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _pair(v) -> tuple:
+def device_kind(device: torch.device | str) -> str:
+    """"cpu", "cuda", ... of a device or its name."""
+    return device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
+
+
+def pair(v) -> tuple:
+    """A layer's int-or-pair argument (kernel size, stride, ...) as a pair."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
