@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
+# The GPU kernels' tests run in Triton's CPU interpreter here (a CUDA torch brings its own).
+TRITON := triton==3.6.0
 
 .PHONY: setup data train test test-fast lint bench clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)" "$(TRITON)"
 	@echo "building the fused C++ training step (once, about a minute)"
 	@$(BIN)/python -c "from lenet import fused; fused.load() or print('fused kernel unavailable:', fused.why_unavailable(), '- PyTorch autograd will be used')"
 	touch $(STAMP)

@@ -125,12 +125,14 @@ def keras_python(given: str | None) -> str | None:
     return None
 
 
-def bench_ours(epochs: int | None, data: str, preset: str) -> dict:
-    """`lenet train --preset PRESET`, for `epochs` or the preset's own number of epochs."""
+def bench_ours(epochs: int | None, data: str, preset: str, extra=(), env=None) -> dict:
+    """`lenet train --preset PRESET [EXTRA]`, for `epochs` or the preset's own number of
+    epochs."""
     more = ["--epochs", str(epochs)] if epochs else []
     with tempfile.TemporaryDirectory() as tmp:
         r, wall, rss = run([sys.executable, "-m", "lenet", "train", "--preset", preset, *more,
-                            "--data", data, "--out", f"{tmp}/run", "--no-progress"])
+                            *extra, "--data", data, "--out", f"{tmp}/run", "--no-progress"],
+                           env=env)
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
     name = f"lenet train --preset {preset}" + ("" if epochs else f" ({len(rows)} ep)")
     return {"name": name, "book_recipe": preset == "book",

@@ -143,7 +143,7 @@ def stop_and_save(saved: dict, epoch: int = 1, step: int = 2):
     return StopAt()
 
 
-def interrupt_and_resume(spec, model_spec, engine: str, data):
+def interrupt_and_resume(spec, model_spec, engine: str, data, device: str = "cpu"):
     """Trains to the end, then again stopped mid-epoch 2 (as Ctrl-C does) and resumed from
     what the checkpoint would hold: (uninterrupted trainer, resumed trainer, saved state).
     `data()` gives fresh (train, test) Batches."""
@@ -154,7 +154,7 @@ def interrupt_and_resume(spec, model_spec, engine: str, data):
     from lenet.train import Trainer, TrainingInterrupted
 
     def run(callbacks=(), resume=None):
-        trainer = Trainer(spec, torch.device("cpu"), callbacks, engine=engine)
+        trainer = Trainer(spec, torch.device(device), callbacks, engine=engine)
         if resume is not None:
             trainer.restore(resume)
         trainer.fit(models.init_model(model_spec, 0), *data())

@@ -111,7 +111,7 @@ def load() -> object | None:
     """The compiled extension (built on first use: ~1 min; then cached on disk), or None when
     it cannot be built or loaded here, with the reason in `why_unavailable()`. Never raises."""
     global _loaded
-    if _disabled():
+    if disabled():
         return None
     with _lock:
         if _loaded is None:
@@ -122,7 +122,7 @@ def load() -> object | None:
 def needs_build() -> bool:
     """Whether `load()` would compile the kernel now (about a minute) rather than load a
     build from torch's extension cache: for a caller that wants to say why it waits."""
-    if _disabled() or _loaded is not None or _cpu_problem() or _source_problem():
+    if disabled() or _loaded is not None or _cpu_problem() or _source_problem():
         return False
     if _cached_build() is not None:
         return False
@@ -137,7 +137,7 @@ def needs_build() -> bool:
 
 def why_unavailable() -> str | None:
     """Why `load()` gives None (None if it has not failed, or has not been called)."""
-    if _disabled():
+    if disabled():
         return "turned off by LENET_FUSED=0"
     return _loaded.reason if _loaded is not None else None
 
@@ -150,7 +150,9 @@ def _reset_for_tests() -> None:
         _loaded = None
 
 
-def _disabled() -> bool:
+def disabled() -> bool:
+    """Whether LENET_FUSED=0 turns the fast paths off: the C++ kernel and blocks on a CPU,
+    the CUDA graph on a GPU (lenet.train.pick_engine)."""
     return os.environ.get("LENET_FUSED", "").strip() == "0"
 
 

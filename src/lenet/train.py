@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lenet import distributed
+from lenet import cuda_graph, distributed
 from lenet.config import TrainSpec
 from lenet.data.batches import Batches
 from lenet.errors import ConfigError, DivergenceError, LenetError
@@ -69,6 +69,16 @@ def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
     a minute, once)."""
     from lenet import blocks, fused
 
+    if fused.device_kind(device) == "cuda":
+        if fused.disabled():
+            return "autograd", ("PyTorch autograd, eager (CUDA graph and Triton kernels: "
+                                "turned off by LENET_FUSED=0)")
+        why_not = cuda_graph.triton_reason(model_spec, device)
+        if why_not is None:
+            return "triton", ("the network as Triton kernels, forward and backward replayed "
+                              "as one CUDA graph per step (LENET_FUSED=0 for eager PyTorch)")
+        return "graph", ("PyTorch autograd, forward and backward replayed as one CUDA graph "
+                         f"per step (Triton kernels: {why_not}; LENET_FUSED=0 for eager)")
     reason = fused.supports(model_spec, spec, device)
     block_reason = blocks.supports(model_spec, device)
     if (reason is None or block_reason is None) and say is not None and fused.needs_build():
@@ -135,10 +145,13 @@ class Trainer:
         self.spec = spec
         self.device = device
         self.callbacks = list(callbacks)
-        # "autograd"; "fused" (lenet.fused: the same math in one call); or "blocks"
-        # (autograd with BatchNorm-ReLU-max-pool blocks in C++, lenet.blocks)
+        # "autograd"; "fused" (lenet.fused: the same math in one call); "blocks"
+        # (autograd with BatchNorm-ReLU-max-pool blocks in C++, lenet.blocks); "graph"
+        # (autograd's forward and backward replayed as a CUDA graph, lenet.cuda_graph); or
+        # "triton" (the same, with the book's network as Triton kernels, lenet.triton_book)
         self.engine = engine
         self.fused = None
+        self.graph = None  # lenet.cuda_graph.GraphStep, for the "graph" engine
         # Data-parallel (lenet.distributed.Dist, under torchrun): the step runs through a
         # DistributedDataParallel wrapper; self.model stays the plain network, for
         # checkpoints that load with or without torchrun.
@@ -190,6 +203,15 @@ class Trainer:
             from lenet.blocks import BlockForward
 
             self.step_model = BlockForward(model)
+        if self.engine == "triton":
+            from lenet.triton_book import BookForward
+
+            self.step_model = BookForward(model)
+        if self.engine in ("graph", "triton"):
+            # The graph converts the uint8 batch itself: two launches fewer per step.
+            train.as_bytes = True
+            self.graph = cuda_graph.GraphStep(model, self.step_model, train.prepare,
+                                              self.spec.label_smoothing)
         if self.dist is not None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -201,10 +223,11 @@ class Trainer:
         if self._resume_state is not None:
             self._apply_resume(self._resume_state)
         self._call("on_fit_start")
-        for epoch in range(self.epoch + 1, self.spec.epochs + 1):
-            self.history.append(self._run_epoch(epoch, model, train, test))
-            self.epoch = epoch
-            self._call("on_epoch_end", self.history[-1])
+        with cuda_graph.numerics(self.device):
+            for epoch in range(self.epoch + 1, self.spec.epochs + 1):
+                self.history.append(self._run_epoch(epoch, model, train, test))
+                self.epoch = epoch
+                self._call("on_epoch_end", self.history[-1])
         self._call("on_fit_end")
         return self.history
 
@@ -233,17 +256,21 @@ class Trainer:
             else:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                logits = self.step_model(x)
-                total = F.cross_entropy(logits, y, reduction="sum",
-                                        label_smoothing=self.spec.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
-                # Over the whole batch's size (all ranks' examples), times the world size
-                # that DDP's gradient average divides by: exactly the gradient of the
-                # batch's mean loss, whatever the ranks' shares (the last batch's may differ).
-                (total * (world / train.batch_len(step))).backward()
+                if self.graph is not None:  # the gradients land in each parameter's .grad
+                    loss_total, right = self.graph.step(x, y)
+                else:
+                    logits = self.step_model(x)
+                    total = F.cross_entropy(logits, y, reduction="sum",
+                                            label_smoothing=self.spec.label_smoothing)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    # Over the whole batch's size (all ranks' examples), times the world
+                    # size that DDP's gradient average divides by: exactly the gradient of
+                    # the batch's mean loss, whatever the ranks' shares (the last batch's
+                    # may differ).
+                    (total * (world / train.batch_len(step))).backward()
+                    right = (logits.argmax(1) == y).sum()
+                    loss_total = total.detach()
                 self.optimizer.step()
-                right = (logits.argmax(1) == y).sum()
-                loss_total = total.detach()
             # Metrics stay on the device; host syncs are only the guard's and the epoch's.
             loss_sum += loss_total
             correct += right
@@ -265,7 +292,7 @@ class Trainer:
         train_acc = correct.item() / train.num_examples
         loop_s = spent + time.perf_counter() - t0
         forward = self.fused.forward if self.fused else None
-        if self.engine == "blocks":
+        if self.engine in ("blocks", "triton"):
             forward = self.step_model
         test_loss, test_acc = evaluate(model, test, forward=forward,
                                        reduce=distributed.sum_ if self.dist else None)

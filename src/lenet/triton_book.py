@@ -1,0 +1,286 @@
+"""The book's LeNet-5 (sigmoid, average pooling) as Triton kernels, for the step on a GPU.
+
+On a GPU at batch 128, cuDNN and cuBLAS spend ~360 µs on a LeNet step. That is launch and
+latency, not arithmetic: ~60 kernels, one weight gradient alone a single 80 µs kernel
+(benchmarks/gpu_speed.py --only profile). Here the whole network is one autograd op, and
+each image is one Triton program that keeps its image's work together:
+- forward: one kernel computes both convolutions with their sigmoid and pooling, and the
+  three dense layers;
+- backward: one kernel computes every per-image gradient: the dense layers' deltas, and the
+  convolutions' weight and bias gradients;
+- then three small kernels sum the per-image gradients over the batch, in image order.
+So the step is five kernels plus the loss's few, and it is deterministic.
+
+Activations are kept in padded per-image scratch buffers. The convolutions are computed
+in "pooled layout": [channel, cell of the 2x2 window, pooled position]. Pooling is then a
+sum over one axis, and its backward a broadcast.
+
+Triton compiles the kernels on first use on the GPU (seconds, cached on disk). Tests run
+the same kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Per-image floats of each scratch buffer (padded to powers of two where a tile reads it).
+S1, P1, S2, P2, H, DP2 = 8 * 4 * 256, 8 * 256, 16 * 4 * 32, 400, 128, 512
+# Per-image partial gradients of the convolutions, in the parameters' own order and layout
+# (constexpr: the only kind of global a Triton kernel may read).
+W1_AT, B1_AT, W2_AT, B2_AT = (tl.constexpr(k) for k in (0, 150, 156, 2556))
+PARTS = 2572
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
+             s1_ptr, p1_ptr, s2_ptr, p2_ptr, h3_ptr, h4_ptr, out_ptr):
+    n = tl.program_id(0)
+    x_ptr += n * 784
+    s1_ptr += n * 8192
+    p1_ptr += n * 2048
+    s2_ptr += n * 2048
+    p2_ptr += n * 400
+    cell = tl.arange(0, 4)[None, :, None]
+
+    # conv1: 1 -> 6 channels, 5x5, padding 2, on 28x28; sigmoid; 2x2 average -> 14x14
+    c = tl.arange(0, 8)[:, None, None]
+    q = tl.arange(0, 256)[None, None, :]
+    oy = 2 * (q // 14) + cell // 2
+    ox = 2 * (q % 14) + cell % 2
+    acc = tl.zeros((8, 4, 256), tl.float32)
+    for t in tl.static_range(25):  # (unrolled loops' names outlive them: each loop its own)
+        iy1 = oy + t // 5 - 2
+        ix1 = ox + t % 5 - 2
+        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
+        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
+        acc += tl.load(w1 + c * 25 + t, mask=c < 6, other=0.0) * x1
+    a1 = _sigmoid(acc + tl.load(b1 + c, mask=c < 6, other=0.0))
+    tl.store(s1_ptr + c * 1024 + cell * 256 + q, a1)
+    c2 = tl.arange(0, 8)[:, None]
+    q2 = tl.arange(0, 256)[None, :]
+    tl.store(p1_ptr + c2 * 256 + q2, tl.sum(a1, axis=1) * 0.25)
+    tl.debug_barrier()  # conv2 reads other threads' pooled values
+
+    # conv2: 6 -> 16 channels, 5x5, no padding, on 14x14; sigmoid; 2x2 average -> 5x5
+    co = tl.arange(0, 16)[:, None, None]
+    q = tl.arange(0, 32)[None, None, :]
+    oy = 2 * (q // 5) + cell // 2
+    ox = 2 * (q % 5) + cell % 2
+    acc2 = tl.zeros((16, 4, 32), tl.float32)
+    for ci in range(6):
+        for t in tl.static_range(25):
+            x2 = tl.load(p1_ptr + ci * 256 + (oy + t // 5) * 14 + ox + t % 5, mask=q < 25,
+                         other=0.0)
+            acc2 += tl.load(w2 + co * 150 + ci * 25 + t) * x2
+    a2 = _sigmoid(acc2 + tl.load(b2 + co))
+    tl.store(s2_ptr + co * 128 + cell * 32 + q, a2)
+    co2 = tl.arange(0, 16)[:, None]
+    q2 = tl.arange(0, 32)[None, :]
+    tl.store(p2_ptr + co2 * 25 + q2, tl.sum(a2, axis=1) * 0.25, mask=q2 < 25)
+    tl.debug_barrier()  # the dense layer reads the flattened 400 values
+
+    # dense 400 -> 120, sigmoid; 120 -> 84, sigmoid; 84 -> 10
+    r = tl.arange(0, 128)
+    acc3 = tl.zeros((128,), tl.float32)
+    for k0 in range(0, 400, 128):
+        k = k0 + tl.arange(0, 128)
+        v = tl.load(p2_ptr + k, mask=k < 400, other=0.0)
+        w = tl.load(w3 + r[:, None] * 400 + k[None, :],
+                    mask=(r[:, None] < 120) & (k[None, :] < 400), other=0.0)
+        acc3 += tl.sum(w * v[None, :], axis=1)
+    h3 = tl.where(r < 120, _sigmoid(acc3 + tl.load(b3 + r, mask=r < 120, other=0.0)), 0.0)
+    tl.store(h3_ptr + n * 128 + r, h3)
+    j = tl.arange(0, 128)
+    w = tl.load(w4 + j[None, :] * 120 + r[:, None], mask=(r[:, None] < 120) & (j[None, :] < 84),
+                other=0.0)
+    h4 = _sigmoid(tl.sum(w * h3[:, None], axis=0) + tl.load(b4 + j, mask=j < 84, other=0.0))
+    h4 = tl.where(j < 84, h4, 0.0)
+    tl.store(h4_ptr + n * 128 + j, h4)
+    o = tl.arange(0, 16)
+    w = tl.load(w5 + o[:, None] * 84 + j[None, :], mask=(o[:, None] < 10) & (j[None, :] < 84),
+                other=0.0)
+    logits = tl.sum(w * h4[None, :], axis=1) + tl.load(b5 + o, mask=o < 10, other=0.0)
+    tl.store(out_ptr + n * 10 + o, logits, mask=o < 10)
+
+
+@triton.jit
+def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_ptr,
+              d3_ptr, d4_ptr, dp2_ptr, ds2_ptr, part_ptr):
+    n = tl.program_id(0)
+    x_ptr += n * 784
+    s1_ptr += n * 8192
+    p1_ptr += n * 2048
+    s2_ptr += n * 2048
+    dp2_ptr += n * 512
+    ds2_ptr += n * 2048
+    part_ptr += n * 2572
+    cell = tl.arange(0, 4)[None, :, None]
+
+    # dense layers, from the loss's gradient g = dL/dlogits
+    o = tl.arange(0, 16)
+    j = tl.arange(0, 128)
+    r = tl.arange(0, 128)
+    g = tl.load(g_ptr + n * 10 + o, mask=o < 10, other=0.0)
+    h4 = tl.load(h4_ptr + n * 128 + j)
+    w = tl.load(w5 + o[:, None] * 84 + j[None, :], mask=(o[:, None] < 10) & (j[None, :] < 84),
+                other=0.0)
+    d4 = tl.sum(w * g[:, None], axis=0) * h4 * (1.0 - h4)
+    tl.store(d4_ptr + n * 128 + j, d4)
+    h3 = tl.load(h3_ptr + n * 128 + r)
+    w = tl.load(w4 + j[None, :] * 120 + r[:, None], mask=(r[:, None] < 120) & (j[None, :] < 84),
+                other=0.0)
+    d3 = tl.sum(w * d4[None, :], axis=1) * h3 * (1.0 - h3)
+    tl.store(d3_ptr + n * 128 + r, d3)
+    for i0 in range(0, 400, 128):
+        i = i0 + tl.arange(0, 128)
+        w = tl.load(w3 + r[:, None] * 400 + i[None, :],
+                    mask=(r[:, None] < 120) & (i[None, :] < 400), other=0.0)
+        tl.store(dp2_ptr + i, tl.sum(w * d3[:, None], axis=0), mask=i < 400)
+    tl.debug_barrier()
+
+    # conv2's output gradient, through the average pool and the sigmoid
+    co = tl.arange(0, 16)[:, None, None]
+    q = tl.arange(0, 32)[None, None, :]
+    oy = 2 * (q // 5) + cell // 2
+    ox = 2 * (q % 5) + cell % 2
+    a2 = tl.load(s2_ptr + co * 128 + cell * 32 + q)
+    ds2 = tl.load(dp2_ptr + co * 25 + q, mask=q < 25, other=0.0) * 0.25 * a2 * (1.0 - a2)
+    tl.store(ds2_ptr + co * 128 + oy * 10 + ox, ds2, mask=q < 25)  # as a 10x10 map
+    c16 = tl.arange(0, 16)
+    tl.store(part_ptr + B2_AT + c16, tl.sum(tl.sum(ds2, axis=2), axis=1))
+    for ci in range(6):
+        for t in tl.static_range(25):
+            x2 = tl.load(p1_ptr + ci * 256 + (oy + t // 5) * 14 + ox + t % 5, mask=q < 25,
+                         other=0.0)
+            tl.store(part_ptr + W2_AT + c16 * 150 + ci * 25 + t,
+                     tl.sum(tl.sum(ds2 * x2, axis=2), axis=1))
+    tl.debug_barrier()  # the next loop reads other threads' 10x10 maps
+
+    # conv2's input gradient (a full correlation with the kernels), on the 14x14 maps
+    c = tl.arange(0, 8)[:, None]
+    q = tl.arange(0, 256)[None, :]
+    y = q // 14
+    x = q % 14
+    dp1 = tl.zeros((8, 256), tl.float32)
+    for o2 in range(16):
+        for t in tl.static_range(25):
+            yy = y - t // 5
+            xx = x - t % 5
+            ok = (q < 196) & (yy >= 0) & (yy < 10) & (xx >= 0) & (xx < 10)
+            d = tl.load(ds2_ptr + o2 * 128 + yy * 10 + xx, mask=ok, other=0.0)
+            dp1 += tl.load(w2 + o2 * 150 + c * 25 + t, mask=c < 6, other=0.0) * d
+
+    # conv1's output gradient, then its weight and bias gradients
+    c = tl.arange(0, 8)[:, None, None]
+    q = tl.arange(0, 256)[None, None, :]
+    a1 = tl.load(s1_ptr + c * 1024 + cell * 256 + q)
+    ds1 = tl.where((c < 6) & (q < 196), dp1[:, None, :] * 0.25 * a1 * (1.0 - a1), 0.0)
+    c8 = tl.arange(0, 8)
+    tl.store(part_ptr + B1_AT + c8, tl.sum(tl.sum(ds1, axis=2), axis=1), mask=c8 < 6)
+    oy = 2 * (q // 14) + cell // 2
+    ox = 2 * (q % 14) + cell % 2
+    for t in tl.static_range(25):
+        iy1 = oy + t // 5 - 2
+        ix1 = ox + t % 5 - 2
+        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
+        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
+        tl.store(part_ptr + W1_AT + c8 * 25 + t, tl.sum(tl.sum(ds1 * x1, axis=2), axis=1),
+                 mask=c8 < 6)
+
+
+@triton.jit
+def _sum_images(part_ptr, out_ptr, IMAGES: tl.constexpr, width, BLOCK: tl.constexpr,
+                BN: tl.constexpr):
+    """out[k] = sum over images of part[image, k], BN images at a time (a fixed order)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for n0 in range(0, IMAGES, BN):
+        n = n0 + tl.arange(0, BN)
+        acc += tl.sum(tl.load(part_ptr + n[:, None] * width + k[None, :],
+                              mask=(n[:, None] < IMAGES) & (k[None, :] < width), other=0.0),
+                      axis=0)
+    tl.store(out_ptr + k, acc, mask=k < width)
+
+
+@triton.jit
+def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.constexpr, rows,
+               cols, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+    """w[i, j] = sum over images of a[image, i] * b[image, j] (a dense layer's weight
+    gradient: a^T b, as an fp32 matrix product over BN images at a time), and
+    bias[i] = sum over images of a[image, i]."""
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    j = tl.program_id(1) * BC + tl.arange(0, BC)
+    acc = tl.zeros((BR, BC), tl.float32)
+    bias = tl.zeros((BR,), tl.float32)
+    for n0 in range(0, IMAGES, BN):
+        n = n0 + tl.arange(0, BN)
+        a = tl.load(a_ptr + n[None, :] * a_stride + i[:, None],
+                    mask=(n[None, :] < IMAGES) & (i[:, None] < rows), other=0.0)
+        b = tl.load(b_ptr + n[:, None] * b_stride + j[None, :],
+                    mask=(n[:, None] < IMAGES) & (j[None, :] < cols), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        bias += tl.sum(a, axis=1)
+    tl.store(w_ptr + i[:, None] * cols + j[None, :], acc,
+             mask=(i[:, None] < rows) & (j[None, :] < cols))
+    if tl.program_id(1) == 0:
+        tl.store(bias_ptr + i, bias, mask=i < rows)
+
+
+PROGRAM_WARPS = 8  # per image: 256 threads over tiles of up to 8x4x256
+
+
+class _BookLeNet(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5):
+        n = x.shape[0]
+        new = x.new_empty
+        s1, p1, s2, p2 = new(n, S1), new(n, P1), new(n, S2), new(n, P2)
+        h3, h4, logits = new(n, H), new(n, H), new(n, 10)
+        _forward[(n,)](x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
+                       s1, p1, s2, p2, h3, h4, logits, num_warps=PROGRAM_WARPS)
+        ctx.save_for_backward(x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4)
+        return logits
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4 = ctx.saved_tensors
+        g = g.contiguous()
+        n = x.shape[0]
+        new = x.new_empty
+        d3, d4, dp2, ds2, part = new(n, H), new(n, H), new(n, DP2), new(n, S2), new(n, PARTS)
+        _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
+                        num_warps=PROGRAM_WARPS)
+        conv = new(PARTS)
+        # The batch size is a compile-time constant of these two (a batch of 128 and an
+        # epoch's last, smaller batch: two compilations).
+        _sum_images[(triton.cdiv(PARTS, 64),)](part, conv, n, PARTS, BLOCK=64, BN=32)
+        dense = []
+        for a, a_stride, b, b_stride, rows, cols in ((d3, H, p2, P2, 120, 400),
+                                                     (d4, H, h3, H, 84, 120),
+                                                     (g, 10, h4, H, 10, 84)):
+            w, bias = new(rows, cols), new(rows)
+            _outer_sum[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
+                a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
+            dense += [w, bias]
+        w1, b1, w2, b2 = (k.value for k in (W1_AT, B1_AT, W2_AT, B2_AT))
+        return (None, conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2], conv[w2:b2].view(16, 6, 5, 5),
+                conv[b2:PARTS], *dense)
+
+
+class BookForward:
+    """model(x) for the book's LeNet-5 (a `lenet.models.build` network with the `book`
+    preset's shapes, sigmoid and average pooling), through the Triton kernels."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [model.conv1.weight, model.conv1.bias, model.conv2.weight,
+                       model.conv2.bias, model.fc1.weight, model.fc1.bias, model.fc2.weight,
+                       model.fc2.bias, model.fc3.weight, model.fc3.bias]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _BookLeNet.apply(x.contiguous(), *self.params)

@@ -1,0 +1,150 @@
+"""The book's LeNet-5 as Triton kernels (lenet.triton_book), for the step on a GPU.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU):
+the same kernel code, checked against PyTorch autograd in float64. The tests marked `cuda`
+compile them for the GPU and train with them (the lent device machine).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_same_run, interrupt_and_resume
+from lenet import models
+from lenet.config import PRESETS
+from lenet.cuda_graph import numerics, triton_reason
+from lenet.train import pick_engine
+
+BOOK = PRESETS["book"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+if not torch.cuda.is_available():
+    # Triton reads the switch when it is first imported: set at collection, before any test
+    # imports it.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_which_networks_the_kernels_compute():
+    pytest.importorskip("triton")
+    assert triton_reason(BOOK.model) is None
+    assert triton_reason(PRESETS["book-1.0"].model) is None
+    modern = triton_reason(PRESETS["modern"].model)
+    assert "activation relu" in modern and "pooling" in modern
+    assert "batch norm" in triton_reason(PRESETS["best"].model)
+    assert "10 classes" in triton_reason(replace(BOOK.model, num_classes=5))
+
+
+def test_the_book_network_on_cuda_takes_the_triton_kernels():
+    pytest.importorskip("triton")
+    engine, text = pick_engine(BOOK.model, BOOK.train, torch.device("cuda"))
+    assert engine == "triton" and "Triton kernels" in text and "CUDA graph" in text
+    engine, text = pick_engine(PRESETS["modern"].model, BOOK.train, torch.device("cuda"))
+    assert engine == "graph" and "Triton kernels: activation relu" in text
+
+
+def test_without_triton_the_graph_runs_on_cudnn(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton":
+            raise ImportError("no triton here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    engine, text = pick_engine(BOOK.model, BOOK.train, torch.device("cuda"))
+    assert engine == "graph" and "triton cannot be imported (ImportError)" in text
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """lenet.triton_book: compiled for the GPU, or interpreted on a CPU-only machine."""
+    pytest.importorskip("triton")
+    from lenet import triton_book
+
+    return triton_book
+
+
+def test_forward_and_every_gradient_match_autograd_in_float64(kernels):
+    """Logits and the ten parameter gradients of a batch of three (one of them all zeros,
+    one saturated), against the same network in float64: no further from it than
+    PyTorch's own fp32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = models.init_model(BOOK.model, 0).to(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 1, 28, 28, generator=gen)
+    x[1] = 0
+    x[2] = 1
+    x, y = x.to(device), torch.tensor([3, 0, 9], device=device)
+    ours = kernels.BookForward(model)
+    logits = ours(x)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y), ours.params)
+    fp32 = torch.autograd.grad(F.cross_entropy(model(x), y), ours.params)
+    exact = models.init_model(BOOK.model, 0).double().to(device)
+    ref_logits = exact(x.double())
+    ref = torch.autograd.grad(F.cross_entropy(ref_logits, y), list(exact.parameters()))
+    assert torch.allclose(logits.double(), ref_logits, rtol=1e-5, atol=1e-6)
+    names = [name for name, _ in model.named_parameters()]
+    for name, g, t, r in zip(names, grads, fp32, ref, strict=True):
+        assert g.shape == r.shape
+        scale = r.abs().max().item()
+        ours_err = (g.double() - r).abs().max().item() / scale
+        torch_err = (t.double() - r).abs().max().item() / scale
+        assert ours_err <= max(2 * torch_err, 1e-6), (name, ours_err, torch_err)
+
+
+@cuda
+def test_the_kernels_give_the_same_bits_every_time(kernels):
+    model = models.init_model(BOOK.model, 0).cuda()
+    x = torch.rand(128, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (128,), device="cuda")
+    ours = kernels.BookForward(model)
+
+    def grads():
+        return torch.autograd.grad(F.cross_entropy(ours(x), y), ours.params)
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads(), strict=True))
+
+
+def _data(device):
+    from lenet.data.batches import Batches
+
+    def data():
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randint(0, 256, (320, 28, 28), generator=gen, dtype=torch.uint8)
+        y = torch.randint(0, 10, (320,), generator=gen)
+        return (Batches(x, y, 64, device=device, augment="flip"),
+                Batches(x[:100], y[:100], 100, device=device))
+    return data
+
+
+def _fit(engine, spec):
+    from lenet.train import Trainer
+
+    trainer = Trainer(spec, torch.device("cuda"), engine=engine)
+    trainer.fit(models.init_model(BOOK.model, 0), *_data("cuda")())
+    return trainer
+
+
+@cuda
+def test_training_on_the_kernels_follows_cudnn(kernels):
+    """Three epochs of the book recipe (lr 0.9), Triton kernels vs cuDNN, both in the graph."""
+    spec = replace(BOOK.train, epochs=3, batch_size=64)
+    with numerics(torch.device("cuda")):
+        ours, theirs = _fit("triton", spec), _fit("graph", spec)
+    for a, b in zip(ours.history, theirs.history, strict=True):
+        assert (a.train_loss, a.test_loss) == pytest.approx((b.train_loss, b.test_loss),
+                                                            rel=1e-3)
+    assert ours.graph.replays == 3 * 5
+
+
+@cuda
+def test_interrupt_and_resume_on_the_kernels_is_bit_identical(kernels):
+    spec = replace(BOOK.train, epochs=2, batch_size=64)
+    full, resumed, _ = interrupt_and_resume(spec, BOOK.model, "triton", _data("cuda"),
+                                            device="cuda")
+    assert_same_run(resumed, full)
