@@ -1,4 +1,5 @@
-"""The training step on a GPU, recorded once as a CUDA graph and replayed (engine "graph").
+"""The training step on a GPU, recorded once as a CUDA graph and replayed (engines "graph"
+and "triton": the latter with the book's network as lenet.triton_book's kernels).
 
 LeNet's step is some 60 small kernels. Eager PyTorch pays a Python dispatch and a launch for
 each (several microseconds apiece), more than the kernels' arithmetic at batch 128. Recorded

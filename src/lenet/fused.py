@@ -152,7 +152,7 @@ def _reset_for_tests() -> None:
 
 def disabled() -> bool:
     """Whether LENET_FUSED=0 turns the fast paths off: the C++ kernel and blocks on a CPU,
-    the CUDA graph on a GPU (lenet.train.pick_engine)."""
+    the CUDA graph and the Triton kernels on a GPU (lenet.train.pick_engine)."""
     return os.environ.get("LENET_FUSED", "").strip() == "0"
 
 

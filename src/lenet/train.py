@@ -151,7 +151,7 @@ class Trainer:
         # "triton" (the same, with the book's network as Triton kernels, lenet.triton_book)
         self.engine = engine
         self.fused = None
-        self.graph = None  # lenet.cuda_graph.GraphStep, for the "graph" engine
+        self.graph = None  # lenet.cuda_graph.GraphStep, for the "graph" and "triton" engines
         # Data-parallel (lenet.distributed.Dist, under torchrun): the step runs through a
         # DistributedDataParallel wrapper; self.model stays the plain network, for
         # checkpoints that load with or without torchrun.
