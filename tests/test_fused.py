@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,6 +152,16 @@ def test_a_cached_build_is_found_where_torch_puts_it_and_loaded_directly(kernel,
             fused._reset_for_tests()
     (so.parent / "lock").touch()  # a build in progress: torch's loader waits for it
     assert fused._cached_build() is None
+
+
+def test_a_fresh_process_loads_the_build_without_torchs_extension_loader(kernel):
+    """What a `lenet train` process does: the built extension loads straight from the cache,
+    and torch.utils.cpp_extension (~0.2 s with setuptools) is never imported."""
+    code = ("import sys; from lenet import fused; ext = fused.load(); "
+            "print(ext is not None, 'torch.utils.cpp_extension' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False"]
 
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):

@@ -205,8 +205,13 @@ def _cached_build() -> Path | None:
             else:
                 accelerator = "cpu"
             py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+            # A submodule `import torch` leaves unloaded (cpp_extension imports it): without
+            # this import the attribute is missing in a plain run and every run fell back to
+            # importing cpp_extension (~0.2 s).
+            from torch import _appdirs
+
             root = os.path.join(
-                os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions")),
+                os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")),
                 f"{py}_{accelerator}")
         name = _build_name()
         folder = Path(root) / name
