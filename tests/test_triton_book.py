@@ -7,6 +7,7 @@ compile them for the GPU and train with them (the lent device machine).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 
 import pytest
@@ -56,8 +57,45 @@ def test_without_triton_the_graph_runs_on_cudnn(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_triton)
+    import lenet
+
+    monkeypatch.delitem(sys.modules, "lenet.triton_book", raising=False)
+    monkeypatch.delattr(lenet, "triton_book", raising=False)
     engine, text = pick_engine(BOOK.model, BOOK.train, torch.device("cuda"))
     assert engine == "graph" and "triton cannot be imported (ImportError)" in text
+
+
+def test_a_gpu_the_kernels_do_not_run_on_falls_back_to_cudnn(monkeypatch, kernels):
+    """With a GPU at hand, pick_engine runs the kernels once first; an old GPU, or a
+    failure to build or run them, gives cuDNN with the reason on the train line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tried = []
+
+    def fails(device, batch):
+        tried.append(batch)
+        return "they do not run here (RuntimeError: Failed to find C compiler)"
+
+    monkeypatch.setattr(kernels, "self_check", fails)
+    spec = replace(BOOK.train, batch_size=64)
+    engine, text = pick_engine(BOOK.model, spec, torch.device("cuda"))
+    assert engine == "graph" and tried == [64]
+    assert "Triton kernels: they do not run here (RuntimeError: Failed to find C compiler)" in text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    engine, text = pick_engine(BOOK.model, spec, torch.device("cuda"))
+    assert engine == "graph" and "GPU compute capability 7.0 (the kernels need 7.5+)" in text
+
+
+def test_self_check_runs_the_kernels_and_reports_a_failure_in_one_line(monkeypatch, kernels):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert kernels.self_check(device, 1) is None
+
+    def broken(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC\nmore detail")
+
+    monkeypatch.setattr(kernels._BookLeNet, "apply", broken)
+    assert kernels.self_check(device, 1) == (
+        "they do not run here (RuntimeError: Failed to find C compiler. Please specify via CC)")
 
 
 @pytest.fixture(scope="module")

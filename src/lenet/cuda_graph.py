@@ -33,10 +33,13 @@ def numerics(device: torch.device):
                                       deterministic=True, allow_tf32=False)
 
 
-def triton_reason(model_spec, device: torch.device | None = None) -> str | None:
+def triton_reason(model_spec, device: torch.device | None = None,
+                  batch_size: int = 128) -> str | None:
     """None when lenet.triton_book computes this network (the book's LeNet-5: its shapes,
-    sigmoid, average pooling, 10 classes) on `device`, else why not. Never compiles
-    anything."""
+    sigmoid, average pooling, 10 classes) on `device`, else why not. With a GPU at hand it
+    also runs the kernels once on a batch of zeros (lenet.triton_book.self_check), so that a
+    GPU or machine they cannot be built for falls back to cuDNN, with the reason, instead of
+    failing in the first training step."""
     from lenet.fused import _BOOK_CONVS, _BOOK_DENSE
 
     m = model_spec
@@ -58,9 +61,11 @@ def triton_reason(model_spec, device: torch.device | None = None) -> str | None:
     if reasons:
         return ", ".join(reasons)
     try:
-        import triton  # noqa: F401
+        from lenet import triton_book
     except Exception as e:  # not installed, or a broken install: the cuDNN graph still runs
         return f"triton cannot be imported ({type(e).__name__})"
+    if device is not None and torch.cuda.is_available():
+        return triton_book.self_check(device, batch_size)
     return None
 
 

@@ -73,7 +73,7 @@ def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
         if fused.disabled():
             return "autograd", ("PyTorch autograd, eager (CUDA graph and Triton kernels: "
                                 "turned off by LENET_FUSED=0)")
-        why_not = cuda_graph.triton_reason(model_spec, device)
+        why_not = cuda_graph.triton_reason(model_spec, device, spec.batch_size)
         if why_not is None:
             return "triton", ("the network as Triton kernels, forward and backward replayed "
                               "as one CUDA graph per step (LENET_FUSED=0 for eager PyTorch)")

@@ -273,6 +273,28 @@ class _BookLeNet(torch.autograd.Function):
                 conv[b2:PARTS], *dense)
 
 
+PARAM_SHAPES = ((6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,),
+                (10, 84), (10,))
+
+
+def self_check(device: torch.device, batch: int) -> str | None:
+    """None when the kernels compile and run on `device`: a forward and backward of `batch`
+    zero images (compiling them, as the first training step would: seconds the first time on
+    a machine, then Triton's disk cache). Else why not, in one line: a GPU or a tool chain
+    that Triton cannot build for (it needs a C compiler, for one)."""
+    try:
+        params = [torch.zeros(shape, device=device, requires_grad=True)
+                  for shape in PARAM_SHAPES]
+        logits = _BookLeNet.apply(torch.zeros(batch, 1, 28, 28, device=device), *params)
+        torch.autograd.grad(logits.sum(), params)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # whatever Triton or the driver raise: the cuDNN graph still runs
+        said = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        return f"they do not run here ({type(e).__name__}: {said[:160]})"
+    return None
+
+
 class BookForward:
     """model(x) for the book's LeNet-5 (a `lenet.models.build` network with the `book`
     preset's shapes, sigmoid and average pooling), through the Triton kernels."""
