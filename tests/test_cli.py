@@ -74,6 +74,28 @@ def test_same_seed_same_metrics(tmp_path, isolated_env):
     assert numbers("a") == numbers("b")
 
 
+def test_train_moves_the_set_up_out_of_the_garbage_collectors_way(tmp_path, isolated_env,
+                                                                   monkeypatch):
+    """By the first step, what set-up made (torch, the data) is frozen (gc.freeze), so the
+    collector's full collections during training do not scan it."""
+    import gc
+
+    from lenet.train import Trainer
+
+    frozen = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a: (frozen.append(gc.get_freeze_count()),
+                                                          fit(self, *a))[1])
+    gc.unfreeze()
+    data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
+    try:
+        assert cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
+                         "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 10_000
+
+
 def test_second_train_into_an_existing_run_is_refused(tmp_path, capsys, isolated_env):
     data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
     args = ["train", "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "r"),

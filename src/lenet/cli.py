@@ -340,6 +340,7 @@ def _train(a, folders: list) -> int:
     train, test = _batches(ds, cfg, device)
     if dist is None:  # under torchrun the ranks could stop at different steps: no gentle stop
         _stop_gently_on_ctrl_c(trainer)
+    _freeze_set_up()
     try:
         trainer.fit(model, train, test)
     except TrainingInterrupted as e:
@@ -361,11 +362,22 @@ def _train_rank(cfg, state, model, ds, device, dist) -> int:
     trainer = Trainer(cfg.train, device, [], "autograd", dist)
     if state is not None:
         trainer.restore(state)
+    train, test = _batches(ds, cfg, device)
+    _freeze_set_up()
     try:
-        trainer.fit(model, *_batches(ds, cfg, device))
+        trainer.fit(model, train, test)
     finally:
         distributed.close()
     return 0
+
+
+def _freeze_set_up() -> None:
+    """Set-up is done. What it made (torch's modules, the data: ~200k objects) lives until
+    exit, so the garbage collector's full collections need not scan it again (gc.callbacks
+    over 10 epochs of `book`: one full collection of 0.08 s; none once frozen)."""
+    import gc
+
+    gc.freeze()
 
 
 # What `--resume` accepts besides the run folder; any other flag would change the run.
