@@ -40,18 +40,14 @@ def triton_reason(model_spec, device: torch.device | None = None,
     also runs the kernels once on a batch of zeros (lenet.triton_book.self_check), so that a
     GPU or machine they cannot be built for falls back to cuDNN, with the reason, instead of
     failing in the first training step."""
-    from lenet.fused import _BOOK_CONVS, _BOOK_DENSE
+    from lenet.fused import book_shape_checks
 
     m = model_spec
     checks = [
         (m.activation != "sigmoid", f"activation {m.activation}"),
-        (m.pooling != "avg" or m.pool != 2, "pooling differs from the book's"),
-        (m.batch_norm, "batch norm"),
-        (m.dropout != 0, "dropout"),
-        (tuple(m.convs) != _BOOK_CONVS, "convs differ from the book's"),
-        (tuple(m.dense) != _BOOK_DENSE, "dense widths differ"),
-        ((m.in_channels, m.image_size, m.num_classes) != (1, 28, 10),
-         "not 1x28x28 images in 10 classes"),
+        (m.pooling != "avg", f"pooling {m.pooling}"),
+        *book_shape_checks(m),
+        (m.num_classes != 10, f"{m.num_classes} classes (the kernels need 10 classes)"),
     ]
     if device is not None and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(device)
@@ -112,20 +108,17 @@ class GraphStep:
         self.label_smoothing = label_smoothing
         self.recorder = recorder
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grads: list[torch.Tensor] | None = None
+        self.grads = [torch.zeros_like(p) for p in self.params]
         self.graph = None
-        self.static_x = self.static_y = None
-        self.shape: tuple | None = None  # (x.shape, y.shape) the graph was recorded for
+        self.static_x = self.static_y = None  # the recorded batch's shapes and addresses
         self.replays = 0  # steps the graph ran (the rest ran eagerly): for tests and benches
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.grads is None:
-            self.grads = [torch.zeros_like(p) for p in self.params]
         if self.graph is None:
             self._record(x, y)
         for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g  # cheap; and a caller's zero_grad(set_to_none=True) cannot unhook it
-        if (x.shape, y.shape) != self.shape:
+        if (x.shape, y.shape) != (self.static_x.shape, self.static_y.shape):
             return self._run(x, y)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
@@ -145,33 +138,21 @@ class GraphStep:
 
     def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static_x, self.static_y = x.clone(), y.clone()
-        self.shape = (x.shape, y.shape)
         # The warm-up runs are real steps on the first batch: put back what they changed
         # (BatchNorm's running stats and batch count, the RNG that dropout draws from), so
         # that the run is the same as one that never warmed up.
         buffers = [b.clone() for b in self.model.buffers()]
-        rng = _rng_state(x.device)
         side = torch.cuda.Stream() if x.is_cuda else None
         if side is not None:  # warm-up on a side stream, as torch.cuda.graph asks
             side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if side is not None else nullcontext():
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), \
+                torch.cuda.stream(side) if side is not None else nullcontext():
             for _ in range(WARMUP):
                 self._run(self.static_x, self.static_y)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         for b, saved in zip(self.model.buffers(), buffers, strict=True):
             b.copy_(saved)
-        _set_rng_state(x.device, rng)
         recorder = self.recorder or (CudaGraph if x.is_cuda else Rerun)
         self.graph = recorder(lambda: self._run(self.static_x, self.static_y))
 
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)

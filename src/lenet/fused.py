@@ -81,6 +81,16 @@ def supports(model_spec: ModelSpec, train_spec: TrainSpec,
         (kind != "cpu", f"device {kind}"),
         (t.optimizer != "sgd", f"optimizer {t.optimizer}"),
         (m.activation not in ("sigmoid", "relu"), f"activation {m.activation}"),
+        *book_shape_checks(m),
+    ]
+    reasons = [why for bad, why in checks if bad]
+    return ", ".join(reasons) or None
+
+
+def book_shape_checks(m: ModelSpec) -> list[tuple[bool, str]]:
+    """(fails, why) for each way a spec can differ from the book's LeNet-5 in shape (its
+    activation and pooling kind aside): what the fused kernel and lenet.triton_book share."""
+    return [
         (m.pool != 2, f"pool size {m.pool}"),
         (m.batch_norm, "batch norm"),
         (m.dropout != 0, "dropout"),
@@ -89,8 +99,6 @@ def supports(model_spec: ModelSpec, train_spec: TrainSpec,
         (m.in_channels != 1, f"{m.in_channels} input channels"),
         (m.image_size != 28, f"image size {m.image_size}"),
     ]
-    reasons = [why for bad, why in checks if bad]
-    return ", ".join(reasons) or None
 
 
 # ---------------------------------------------------------------------------------------------
