@@ -5,8 +5,10 @@ pooling (exercise 1's "modern" LeNet), label smoothing, and torch.optim.SGD's mo
 
 Why: on a few CPU cores PyTorch autograd spends most of a LeNet step on per-op overhead and
 on full-size passes over the conv1 activations; the fused step (csrc/fused_lenet.cpp) keeps
-each image in cache through conv1 and pool1, runs conv2 as MKL GEMMs on chunks of `block`
-images, and is ~3x faster at batch 128 (benchmarks/step_speed.py).
+each image in cache through conv1 and pool1, runs conv2 on chunks of `block` images as
+register-tiled AVX2 matrix products (four images' im2col columns at a time, while they are in
+L2), the dense layers as MKL GEMMs on groups of 64 images in parallel, and is ~3x faster at
+batch 128 (benchmarks/step_speed.py).
 
     reason = supports(model_spec, train_spec, device)  # None: the kernel computes this recipe
     if reason is None and load() is not None:
@@ -16,20 +18,21 @@ images, and is ~3x faster at batch 128 (benchmarks/step_speed.py).
 
 Numerics (measured against nn.Sequential + F.cross_entropy + autograd on the same weights,
 batches of 128, 37, 1 and 1,000 random images, three Xavier inits): max abs deviation of the
-logits 3.6e-7, of the gradients 1.6e-7 (largest gradient 0.97, at batch 1; 3e-8 at batch 128),
-of the parameters after one SGD step at lr 0.9 1.5e-7, of the loss 2.4e-7; the count of right
+logits 3.6e-7, of the gradients 1.2e-7 (largest gradient 0.96, at batch 1; 6e-8 at batch 128),
+of the parameters after one SGD step at lr 0.9 1.2e-7, of the loss 2.4e-7; the count of right
 predictions is equal. Against a float64 reference the fused step is as close as autograd's
-own fp32 (logits 3e-7 both, gradients 3e-8 both at batch 128): what differs is summation
-order (per-chunk gradient sums, MKL blocking), not approximations; the sigmoid uses a ~1 ulp
-exp and a true division. One epoch of Fashion-MNIST (book preset, seed 0, same batch order)
+own fp32 (at batch 128: logits 3.8e-7 both, gradients 3.1e-8 fused, 4.9e-8 autograd): what
+differs is summation order (per-chunk and per-group gradient sums, MKL blocking), not
+approximations; the sigmoid uses a ~1 ulp exp and a true division. One epoch of Fashion-MNIST (book preset, seed 0, same batch order)
 gives train loss 2.035091 and test accuracy 0.5814 on both paths, equal to 6 decimals.
 ReLU, max pooling, label smoothing, momentum and weight decay are checked the same way
 (tests/test_fused.py); max pooling sends a window's gradient to its first maximum, as torch.
 
 Determinism: with the same thread count, the same weights and batch give bitwise the same
 result. The conv gradients are summed per chunk of `block` images and the chunks are added
-in order, so thread scheduling never matters; the dense layers are MKL GEMMs whose result
-depends only on MKL's thread count.
+in order, the dense ones per group of 64 images and the groups added in order, so thread
+scheduling never matters; each group's GEMMs run on one thread. (The forward alone, for
+evaluation, runs its dense layers as MKL GEMMs on the whole batch.)
 
 The compiled extension is cached by torch ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions) under a name holding a hash of the source, the flags and the

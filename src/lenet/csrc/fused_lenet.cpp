@@ -11,8 +11,9 @@
 //
 // Layout (all fp32, row-major):
 //   conv1 1->6 5x5 pad 2 (direct AVX2), act, pool 2 -> P1 [6][14][14]
-//   conv2 6->16 5x5 (im2col + sgemm, channel-major (150, chunk*100)), act, pool 2
-//   flatten -> F [400], fc 400->120->84 (act) -> C logits, all as sgemm on the batch.
+//   conv2 6->16 5x5 (im2col, channel-major (150, 4*100), + register-tiled AVX2 products), act,
+//   pool 2
+//   flatten -> F [400], fc 400->120->84 (act) -> C logits, as sgemm on groups of 64 images.
 // The activation and the pooling are template parameters (Relu, Max), so the hot loops carry
 // no per-element branches.
 #include <torch/extension.h>
@@ -305,6 +306,114 @@ void col2im(const float* cols, int bs, int ld, float* dp1) {
   }
 }
 
+// conv2's three matrix products on a sub-block of w = n*100 columns (n <= kSub images), as
+// register-tiled AVX2 loops rather than sgemm calls: at these shapes (M or K = 16) MKL spends
+// much of its time packing, and a sub-block's columns (150 x w floats) stay in L2 from im2col
+// to the last product. Columns go 16 at a time, then 8, then a last 4 (w is a multiple of 4),
+// which `Half` loads and stores masked. Each output is one sum in a fixed order.
+
+const __m256i kLow4 = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);
+
+// `half` is a constant wherever these are inlined (the tiles' loops unroll).
+inline __m256 load8(const float* p, bool half) {
+  return half ? _mm256_maskload_ps(p, kLow4) : _mm256_loadu_ps(p);
+}
+inline void store8(float* p, __m256 v, bool half) {
+  if (half) _mm256_maskstore_ps(p, kLow4, v);
+  else _mm256_storeu_ps(p, v);
+}
+
+// Calls tile.template run<NV, Half>(j) over the column tiles of [0, w).
+template <typename Tile>
+inline void over_columns(int w, const Tile& tile) {
+  int j = 0;
+  for (; j + 16 <= w; j += 16) tile.template run<2, false>(j);
+  if (w - j >= 8) tile.template run<1, false>(j), j += 8;
+  if (w - j == 4) tile.template run<1, true>(j);
+}
+
+// z (16 rows, stride ldz) = W2 (16, 150) @ cols (150, w): 6, 6 and 4 output channels at a time.
+struct Conv2Forward {
+  const float *w2, *cols;
+  int w, ldz;
+  float* z;
+
+  template <int NC, int NV, bool Half>
+  void channels(int c0, int j) const {
+    __m256 acc[NC][NV];
+    for (int c = 0; c < NC; c++)
+      for (int v = 0; v < NV; v++) acc[c][v] = _mm256_setzero_ps();
+    for (int k = 0; k < kCols; k++) {
+      __m256 x[NV];
+      for (int v = 0; v < NV; v++) x[v] = load8(cols + k * w + j + 8 * v, Half && v == NV - 1);
+      for (int c = 0; c < NC; c++) {
+        const __m256 wv = _mm256_broadcast_ss(w2 + (c0 + c) * kCols + k);
+        for (int v = 0; v < NV; v++) acc[c][v] = _mm256_fmadd_ps(wv, x[v], acc[c][v]);
+      }
+    }
+    for (int c = 0; c < NC; c++)
+      for (int v = 0; v < NV; v++)
+        store8(z + (c0 + c) * ldz + j + 8 * v, acc[c][v], Half && v == NV - 1);
+  }
+  template <int NV, bool Half>
+  void run(int j) const {
+    channels<6, NV, Half>(0, j);
+    channels<6, NV, Half>(6, j);
+    channels<4, NV, Half>(12, j);
+  }
+};
+
+// dW2 (16, 150) += dz (16 rows, stride ldz) @ cols (150, w)^T: tiles of 4 channels x 3 taps,
+// each a vector sum over the columns, summed across once.
+void conv2_weight_grad(const float* dz, int ldz, const float* cols, int w, float* dw2) {
+  for (int c0 = 0; c0 < 16; c0 += 4)
+    for (int k0 = 0; k0 < kCols; k0 += 3) {
+      __m256 acc[4][3];
+      for (auto& r : acc)
+        for (auto& v : r) v = _mm256_setzero_ps();
+      const auto step = [&](int j, bool half) {
+        __m256 x[3];
+        for (int b = 0; b < 3; b++) x[b] = load8(cols + (k0 + b) * w + j, half);
+        for (int a = 0; a < 4; a++) {
+          const __m256 g = load8(dz + (c0 + a) * ldz + j, half);
+          for (int b = 0; b < 3; b++) acc[a][b] = _mm256_fmadd_ps(g, x[b], acc[a][b]);
+        }
+      };
+      int j = 0;
+      for (; j + 8 <= w; j += 8) step(j, false);
+      if (j < w) step(j, true);
+      for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 3; b++) dw2[(c0 + a) * kCols + k0 + b] += hsum8(acc[a][b]);
+    }
+}
+
+// dcols (150, w) = W2^T (150, 16) @ dz (16 rows, stride ldz): 6 taps at a time.
+struct Conv2ColsGrad {
+  const float *w2, *dz;
+  int ldz, w;
+  float* dcols;
+
+  template <int NV, bool Half>
+  void run(int j) const {
+    for (int k0 = 0; k0 < kCols; k0 += 6) {
+      __m256 acc[6][NV];
+      for (auto& r : acc)
+        for (auto& v : r) v = _mm256_setzero_ps();
+      for (int c = 0; c < 16; c++) {
+        __m256 g[NV];
+        for (int v = 0; v < NV; v++) g[v] = load8(dz + c * ldz + j + 8 * v, Half && v == NV - 1);
+        for (int a = 0; a < 6; a++) {
+          const __m256 wv = _mm256_broadcast_ss(w2 + c * kCols + k0 + a);
+          for (int v = 0; v < NV; v++) acc[a][v] = _mm256_fmadd_ps(wv, g[v], acc[a][v]);
+        }
+      }
+      for (int a = 0; a < 6; a++)
+        for (int v = 0; v < NV; v++)
+          store8(dcols + (k0 + a) * w + j + 8 * v, acc[a][v], Half && v == NV - 1);
+    }
+  }
+};
+
 // In place on z2 (16, bs*100): add bias, activation; then pool2 into the features F (bs, 400).
 template <bool Relu, bool Max>
 void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* F) {
@@ -337,7 +446,7 @@ void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const S
     float* xp = scratch(0, 32 * XW);
     float* a1_tmp = scratch(1, kA1);
     float* p1_tmp = scratch(2, (size_t)block * kP1);
-    float* cols = scratch(3, (size_t)kCols * block * 100);
+    float* cols = scratch(3, (size_t)kCols * kSub * 100);
     float* z2 = scratch(4, (size_t)16 * block * 100);
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * block;
@@ -350,8 +459,11 @@ void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const S
         pool1_forward<Max>(a1, p1 + nb * kP1);
       }
       const int ld = bs * 100;
-      im2col(p1, bs, cols, ld);
-      gemm(false, false, 16, ld, kCols, 1.f, p.w2, kCols, cols, ld, 0.f, z2, ld);
+      for (int nb = 0; nb < bs; nb += kSub) {
+        const int w = std::min(kSub, bs - nb) * 100;
+        im2col(p1 + nb * kP1, w / 100, cols, w);
+        over_columns(w, Conv2Forward{p.w2, cols, w, ld, z2 + nb * 100});
+      }
       conv2_epilogue<Relu, Max>(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr,
                                 F + n0 * kFeat);
     }
@@ -438,7 +550,8 @@ void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* d
   const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
   const __m256 keep4 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
   if (Max) {
-    for (int c = 0; c < 6; c++)
+    for (int c = 0; c < 6; c++) {
+      __m256 sum = db1[c];  // local, as below
       for (int i = 0; i < 14; i++) {
         const float* r0 = a1 + c * 28 * AW + 2 * i * AW;
         const float* r1 = r0 + AW;
@@ -454,13 +567,18 @@ void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* d
           if (v == 3) g0 = _mm256_and_ps(g0, keep4), g1 = _mm256_and_ps(g1, keep4);
           _mm256_storeu_ps(d0 + 8 * v, g0);
           _mm256_storeu_ps(d1 + 8 * v, g1);
-          db1[c] = _mm256_add_ps(db1[c], _mm256_add_ps(g0, g1));
+          sum = _mm256_add_ps(sum, _mm256_add_ps(g0, g1));
         }
       }
+      db1[c] = sum;
+    }
     return;
   }
   const __m256 quarter = _mm256_set1_ps(0.25f);
-  for (int c = 0; c < 6; c++)
+  for (int c = 0; c < 6; c++) {
+    // A local sum: __m256 may alias the float stores, so db1[c] itself would make every
+    // addition wait on a store and a reload.
+    __m256 sum = db1[c];
     for (int i = 0; i < 28; i++) {
       const float* ar = a1 + c * 28 * AW + i * AW;
       const float* gr = dp1 + c * 196 + (i >> 1) * 14;
@@ -472,9 +590,11 @@ void pool1_act_backward(const float* a1, const float* dp1, float* dz1, __m256* d
         __m256 d = _mm256_mul_ps(_mm256_mul_ps(quarter, g8), act_grad8<Relu>(av));
         if (v == 3) d = _mm256_and_ps(d, keep4);
         _mm256_storeu_ps(dr + 8 * v, d);
-        db1[c] = _mm256_add_ps(db1[c], d);
+        sum = _mm256_add_ps(sum, d);
       }
     }
+    db1[c] = sum;
+  }
 }
 
 // conv1's weight gradient as 150 running vector sums (horizontal sums once per chunk).
@@ -510,20 +630,20 @@ void conv_backward_chunk(const Images& x, int64_t n0, int bs, const float* dF, c
   float* xp = scratch(0, 32 * XW);
   float* dz1 = scratch(1, kA1);
   float* dp1 = scratch(2, (size_t)block * kP1);
-  float* cols = scratch(3, (size_t)kCols * block * 100);
+  float* cols = scratch(3, (size_t)kCols * kSub * 100);
   float* dz2 = scratch(4, (size_t)16 * block * 100);
   float* dcols = scratch(5, (size_t)kCols * kSub * 100);
   const int ld = bs * 100;
 
   pool2_act_backward<Relu, Max>(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
-  // Recomputing im2col is cheaper than keeping 150 x 100 floats per image around.
-  im2col(sv.P1 + n0 * kP1, bs, cols, ld);
-  gemm(false, true, 16, kCols, ld, 1.f, dz2, ld, cols, ld, 0.f, dw2, kCols);
-  // dP1 through the columns' gradient, a few images at a time: the whole chunk's (150 x
-  // chunk*100 floats) would leave L2 between the GEMM writing it and col2im reading it.
+  // Per sub-block: recomputing im2col is cheaper than keeping 150 x 100 floats per image
+  // around; both products read it while it is in L2.
+  std::fill(dw2, dw2 + kW2, 0.f);
   for (int nb = 0; nb < bs; nb += kSub) {
     const int n = std::min(kSub, bs - nb), w = n * 100;
-    gemm(true, false, kCols, w, 16, 1.f, w2, kCols, dz2 + nb * 100, ld, 0.f, dcols, w);
+    im2col(sv.P1 + (n0 + nb) * kP1, n, cols, w);
+    conv2_weight_grad(dz2 + nb * 100, ld, cols, w, dw2);
+    over_columns(w, Conv2ColsGrad{w2, dz2 + nb * 100, ld, w, dcols});
     col2im(dcols, n, w, dp1 + nb * kP1);
   }
 
@@ -595,17 +715,17 @@ int argmax_row(const float* l, int C) {
   return best;
 }
 
-// Mean cross-entropy and the count of right argmax predictions; the logits are replaced by
-// d(loss)/d(logits) = (softmax - target) / N. With label smoothing eps, as torch's
-// cross_entropy: loss = (1 - eps) (-log p_t) + eps/C sum_k (-log p_k), target = (1 - eps)
-// onehot + eps/C.
-std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int64_t N, int C,
-                                                 float eps) {
+// Summed cross-entropy of `rows` images and the count of right argmax predictions; the
+// logits are replaced by d(mean loss)/d(logits) = (softmax - target) / N, N the whole batch.
+// With label smoothing eps, as torch's cross_entropy: loss = (1 - eps) (-log p_t) + eps/C
+// sum_k (-log p_k), target = (1 - eps) onehot + eps/C.
+std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int64_t rows, int C,
+                                                 float eps, int64_t N) {
   double loss = 0;
   int64_t right = 0;
   const float invN = 1.f / (float)N;
   const float spread = eps / (float)C * invN, hit = (1.f - eps) * invN;
-  for (int64_t r = 0; r < N; r++) {
+  for (int64_t r = 0; r < rows; r++) {
     float* l = L + r * C;
     const int64_t t = y[r];
     right += argmax_row(l, C) == t;
@@ -625,7 +745,7 @@ std::pair<double, int64_t> softmax_cross_entropy(float* L, const int64_t* y, int
     for (int k = 0; k < C; k++) l[k] = std::exp(l[k] - m) * scale - spread;
     l[t] -= hit;
   }
-  return {loss / (double)N, right};
+  return {loss, right};
 }
 
 void column_sums(const float* g, int64_t rows, int width, float* out) {
@@ -674,6 +794,47 @@ void dense_backward(int n, const Params& p, const Saved& sv, const Grads& g, flo
   gemm(true, false, kH3, kFeat, n, 1.f, G3, kH3, sv.F, kFeat, 0.f, g.w3, kFeat);
   column_sums(G3, n, kH3, g.b3);
   gemm(false, false, n, kFeat, kH3, 1.f, G3, kH3, p.w3, kFeat, 0.f, dF, kFeat);
+}
+
+// The dense layers and the loss run on groups of kGroup images in parallel, each group's GEMMs
+// on one thread: at batch 128 MKL threads these small GEMMs poorly, and the bias, activation
+// and column-sum passes around them would otherwise run on one thread. The groups' dense
+// gradients are summed in group order afterwards; a fixed group size keeps the result
+// independent of the number of threads.
+constexpr int kGroup = 64;
+
+int64_t num_groups(int64_t N) { return (N + kGroup - 1) / kGroup; }
+
+// Mean loss and number right; the dense gradients into g (groups after the first write into
+// `parts`, num_grads(C) floats each), dF filled for the conv backward.
+template <bool Relu>
+std::pair<double, int64_t> dense_step(const int64_t* y, int64_t N, const Params& p,
+                                      const Saved& sv, float* G3, float* G4, float* dF, float* g,
+                                      float* parts, float eps) {
+  const int C = p.classes;
+  const int64_t groups = num_groups(N), total = num_grads(C);
+  std::vector<std::pair<double, int64_t>> res(groups);
+  at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; k++) {
+      const int64_t r0 = k * kGroup;
+      const int n = (int)std::min<int64_t>(kGroup, N - r0);
+      Saved s = sv;
+      s.F += r0 * kFeat, s.H3 += r0 * kH3, s.H4 += r0 * kH4, s.L += r0 * C;
+      dense_forward<Relu>(n, p, s.F, s.H3, s.H4, s.L);
+      res[k] = softmax_cross_entropy(s.L, y + r0, n, C, eps, N);
+      float* gk = k == 0 ? g : parts + (k - 1) * total;
+      dense_backward<Relu>(n, p, s, carve_grads(gk, C), G4 + r0 * kH4, G3 + r0 * kH3,
+                           dF + r0 * kFeat);
+    }
+  });
+  for (int64_t k = 1; k < groups; k++) {
+    const float* q = parts + (k - 1) * total;
+    for (int64_t i = kConvGrads; i < total; i++) g[i] += q[i];
+  }
+  double loss = 0;
+  int64_t right = 0;
+  for (const auto& [l, r] : res) loss += l, right += r;
+  return {loss / (double)N, right};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,12 +933,9 @@ void sgd_update(const std::vector<torch::Tensor>& P, const float* g, const Sgd& 
 template <bool Relu, bool Max>
 std::pair<double, int64_t> step_impl(const Images& x, const int64_t* y, int64_t N,
                                      const Params& p, const Saved& sv, float* G3, float* G4,
-                                     float* dF, float* g, float eps, int block) {
-  const int n = (int)N;
+                                     float* dF, float* g, float* parts, float eps, int block) {
   conv_forward<Relu, Max>(x, N, p, sv.F, &sv, block);
-  dense_forward<Relu>(n, p, sv.F, sv.H3, sv.H4, sv.L);
-  const auto result = softmax_cross_entropy(sv.L, y, N, p.classes, eps);
-  dense_backward<Relu>(n, p, sv, carve_grads(g, p.classes), G4, G3, dF);
+  const auto result = dense_step<Relu>(y, N, p, sv, G3, G4, dF, g, parts, eps);
   conv_backward<Relu, Max>(x, N, dF, sv, p.w2, block, g);
   return result;
 }
@@ -799,7 +957,8 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(
   const int C = p.classes;
   check_labels(y, N, C);
 
-  float* w = ensure(ws, N * (kA1 + kP1 + kA2 + kFeat * 2 + (kH3 + kH4) * 2 + C));
+  float* w = ensure(ws, N * (kA1 + kP1 + kA2 + kFeat * 2 + (kH3 + kH4) * 2 + C) +
+                           (num_groups(N) - 1) * num_grads(C));
   Saved sv;
   sv.A1 = w, w += N * kA1;
   sv.P1 = w, w += N * kP1;
@@ -810,14 +969,15 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(
   sv.L = w, w += N * C;
   float* G3 = w; w += N * kH3;
   float* G4 = w; w += N * kH4;
-  float* dF = w;
+  float* dF = w; w += N * kFeat;
+  float* parts = w;
   float* g = ensure(grads, num_grads(C));
   float* buf = update && momentum != 0.0 ? ensure(momentum_buf, num_grads(C)) : nullptr;
 
   auto* step = relu ? (max_pool ? step_impl<true, true> : step_impl<true, false>)
                     : (max_pool ? step_impl<false, true> : step_impl<false, false>);
   const auto [loss, right] = step(images_of(x), y.data_ptr<int64_t>(), N, p, sv, G3, G4,
-                                  dF, g, (float)smoothing, (int)block);
+                                  dF, g, parts, (float)smoothing, (int)block);
   if (update)
     sgd_update(P, g, {(float)lr, (float)momentum, (float)weight_decay, nesterov, first, buf});
   return {torch::scalar_tensor(loss, torch::kFloat), torch::scalar_tensor(right, torch::kLong)};
