@@ -507,6 +507,26 @@ def test_the_trainer_hands_the_kernel_bytes(kernel):
     assert next(iter(train))[0].dtype == torch.uint8
 
 
+def test_the_trainers_evaluation_hands_the_kernel_bytes_with_the_floats_result(kernel,
+                                                                             monkeypatch):
+    from lenet.train import Trainer
+
+    seen = []
+    forward = fused.FusedStep.forward
+    monkeypatch.setattr(fused.FusedStep, "forward",
+                        lambda self, x: seen.append(x.dtype) or forward(self, x))
+    x, y = batch(96, seed=5)
+    images = (x * 255).round().to(torch.uint8)[:, 0]
+    train, test = Batches(images, y, 32), Batches(images, y, 40)
+    model = book()
+    trainer = Trainer(TrainSpec(epochs=1, batch_size=32), torch.device("cpu"), engine="fused")
+    last = trainer.fit(model, train, test)[-1]
+    assert seen == [torch.uint8] * 3 and not test.as_bytes
+    assert (last.test_loss, last.test_acc) == evaluate(model, test, forward=trainer.fused.forward)
+    loss, acc = evaluate(model, test)  # autograd on the float images
+    assert last.test_loss == pytest.approx(loss, rel=1e-5) and last.test_acc == acc
+
+
 def test_pick_engine_says_when_the_kernel_must_be_built_first(kernel, monkeypatch):
     from lenet.train import pick_engine
 

@@ -23,8 +23,9 @@ of the parameters after one SGD step at lr 0.9 1.2e-7, of the loss 2.4e-7; the c
 predictions is equal. Against a float64 reference the fused step is as close as autograd's
 own fp32 (at batch 128: logits 3.8e-7 both, gradients 3.1e-8 fused, 4.9e-8 autograd): what
 differs is summation order (per-chunk and per-group gradient sums, MKL blocking), not
-approximations; the sigmoid uses a ~1 ulp exp and a true division. One epoch of Fashion-MNIST (book preset, seed 0, same batch order)
-gives train loss 2.035091 and test accuracy 0.5814 on both paths, equal to 6 decimals.
+approximations; the sigmoid uses a ~1 ulp exp and a true division. One epoch of
+Fashion-MNIST (book preset, seed 0, same batch order) gives train loss 2.035091 and test
+accuracy 0.5814 on both paths, equal to 6 decimals.
 ReLU, max pooling, label smoothing, momentum and weight decay are checked the same way
 (tests/test_fused.py); max pooling sends a window's gradient to its first maximum, as torch.
 

@@ -247,12 +247,12 @@ class Trainer:
             loss_sum += resume["loss_sum"].to(self.device)
             correct += resume["correct"].to(self.device)
         world = self.dist.world if self.dist is not None else 1
+        steps = len(train)
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
-            lr = lr_at(self.spec, (epoch - 1) * len(train) + step - 1,
-                       self.spec.epochs * len(train))
+            lr = lr_at(self.spec, (epoch - 1) * steps + step - 1, self.spec.epochs * steps)
             if self.fused is not None:  # forward, loss, backward and update in one call
                 loss, right = self.fused.step(x, y, lr)
-                loss_total = loss.detach() * len(y)
+                loss_total = loss * y.shape[0]
             else:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -275,10 +275,10 @@ class Trainer:
             loss_sum += loss_total
             correct += right
             if self.guard_every and step % self.guard_every == 0 and \
-                    not torch.isfinite(loss_sum):  # sync
+                    not math.isfinite(loss_sum.item()):  # sync
                 self._diverged(epoch, step)
             self._call("on_step", step)
-            if self.stop_requested and step < len(train):
+            if self.stop_requested and step < steps:
                 self.partial = {"step": step, "generator": gen_state,
                                 "loss_sum": loss_sum.cpu(), "correct": correct.cpu(),
                                 "seconds": spent + time.perf_counter() - t0}
@@ -294,8 +294,10 @@ class Trainer:
         forward = self.fused.forward if self.fused else None
         if self.engine in ("blocks", "triton"):
             forward = self.step_model
+        # The kernel scales bytes itself, as in training: no float copy of the test split.
         test_loss, test_acc = evaluate(model, test, forward=forward,
-                                       reduce=distributed.sum_ if self.dist else None)
+                                       reduce=distributed.sum_ if self.dist else None,
+                                       as_bytes=self.fused is not None and test.resize is None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)
 
