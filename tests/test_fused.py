@@ -264,6 +264,7 @@ def test_reads_the_live_parameters(kernel):
     step.step(*batch(16))
     model.load_state_dict(other.state_dict())  # copies in place
     model.fc3.weight = torch.nn.Parameter(model.fc3.weight.detach().clone())  # a new tensor
+    model.fc1 = copy.deepcopy(model.fc1)  # a new layer
     ref = copy.deepcopy(model)
     x, y = batch(64, seed=2)
     step.step(x, y)
