@@ -6,8 +6,8 @@
 //
 // Why one call: at batch 128 on a few cores PyTorch autograd spends most of a step on per-op
 // dispatch and on full-size passes over the 600k conv1 activations; here every image stays in
-// cache from conv1 to pool1, conv2 runs as GEMMs on chunks of `block` images, and nothing is
-// allocated per step.
+// cache from conv1 to pool1, conv2 runs as matrix products on chunks of `block` images, and
+// nothing large is allocated per step.
 //
 // Layout (all fp32, row-major):
 //   conv1 1->6 5x5 pad 2 (direct AVX2), act, pool 2 -> P1 [6][14][14]
@@ -45,7 +45,7 @@ constexpr int kA2 = 16 * 100;      // conv2 activations per image (10x10)
 constexpr int kFeat = 400;         // pool2 output, flattened
 constexpr int kH3 = 120, kH4 = 84;
 constexpr int kCols = 150;         // conv2 im2col rows: 6 channels x 5 x 5 taps
-constexpr int kSub = 4;            // images per conv2 input-gradient GEMM (conv_backward_chunk)
+constexpr int kSub = 4;            // images per conv2 sub-block (their im2col columns stay in L2)
 
 // Gradient layout = parameter order; the conv part first, so per-chunk partial sums of the
 // conv gradients are one contiguous prefix.
