@@ -7,6 +7,7 @@ import torch
 from lenet import checkpoint
 from lenet.config import PRESETS, ConvSpec, ModelSpec, override
 from lenet.errors import CheckpointError
+from lenet.files import atomic_write
 from lenet.models import build, init_model
 from lenet.train import make_optimizer
 
@@ -43,7 +44,7 @@ def test_no_temp_files_left_and_overwrite_is_atomic(tmp_path):
 def test_written_files_get_ordinary_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        checkpoint.atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))
+        atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
@@ -57,7 +58,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(tmp_path / "a.ckpt", boom)
+        atomic_write(tmp_path / "a.ckpt", boom)
     assert os.listdir(tmp_path) == ["a.ckpt"]
     assert checkpoint.load(tmp_path / "a.ckpt")["epoch"] == 1
 

@@ -7,10 +7,10 @@ def test_curves_are_redrawn_at_most_every_few_seconds_and_always_at_the_end(
     from conftest import make_idx_folder
 
     drawn = []
-    draw = runs.plots.training_curves
-    monkeypatch.setattr(runs.plots, "training_curves",
-                        lambda history, path, title: (drawn.append(len(history)),
-                                                      draw(history, path, title=title)))
+    draw = runs.plots.CurvePainter.training_curves  # `lenet train` draws through its helper
+    monkeypatch.setattr(runs.plots.CurvePainter, "training_curves",
+                        lambda self, history, path, title: (drawn.append(len(history)),
+                                                            draw(self, history, path, title)))
     monkeypatch.setattr(runs.RunWriter, "PLOT_EVERY_S", 3600.0)
     data = make_idx_folder(tmp_path / "data", n_train=64, n_test=32)
     run = tmp_path / "run"

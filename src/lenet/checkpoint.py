@@ -8,52 +8,17 @@ the metrics so far, and the config that made it.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lenet.config import RunConfig
 from lenet.errors import CheckpointError, ConfigError
+from lenet.files import atomic_write
 
 FORMAT = "lenet-checkpoint"
 VERSION = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`,
-    so a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save(path: Path, *, config: RunConfig, epoch: int, model: torch.nn.Module,

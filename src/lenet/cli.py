@@ -251,17 +251,24 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
 
 
 def cmd_train(a) -> int:
+    from lenet import plots
+
+    # Started before torch's import: see CurvePainter. Data-parallel ranks other than the
+    # first write no pictures.
+    painter = plots.CurvePainter() if os.environ.get("RANK", "0") == "0" else None
     from lenet.runs import RunFolder
 
     folders: list[RunFolder] = []
     try:
-        return _train(a, folders)
+        return _train(a, folders, painter)
     finally:
         for folder in folders:  # in-process callers (tests, notebooks) get the folder back
             folder.unlock()
+        if painter is not None:
+            painter.close()
 
 
-def _train(a, folders: list) -> int:
+def _train(a, folders: list, painter=None) -> int:
     import torch
 
     from lenet import checkpoint, distributed
@@ -333,8 +340,8 @@ def _train(a, folders: list) -> int:
         progress.say(f"data-parallel: {dist.world} processes ({dist.backend}), each takes "
                      f"{share} of every global batch of {cfg.train.batch_size}")
     progress.say(f"step: {engine_text}")
-    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table)], engine,
-                      dist)
+    trainer = Trainer(cfg.train, device, [progress, RunWriter(folder, cfg, table, painter)],
+                      engine, dist)
     if state is not None:
         trainer.restore(state)
     train, test = _batches(ds, cfg, device)

@@ -224,7 +224,7 @@ def _trial_line(t) -> str:
 def _report(study, out: Path, n_trials: int) -> int:
     """The table of trials, best.json and the figures; 0 when the study is full."""
     from lenet import plots, sweep
-    from lenet.checkpoint import atomic_write
+    from lenet.files import atomic_write
 
     rows = sweep.trial_rows(study)
     lines = [f"{'trial':>5}  {'state':<8} {'test acc':>8} {'epochs':>6} {'seconds':>7}  "

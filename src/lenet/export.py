@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from lenet import __version__
-from lenet.checkpoint import atomic_write
 from lenet.errors import LenetError
+from lenet.files import atomic_write
 
 OPSET = 18  # onnxruntime >= 1.14 runs it; the exporter's own default
 INPUT, OUTPUT = "image", "logits"

@@ -2,12 +2,17 @@
 hot loop never pay for it."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from lenet.checkpoint import atomic_write
+from lenet.files import atomic_write
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -16,9 +21,57 @@ def _pyplot():
     return plt
 
 
+class CurvePainter:
+    """training_curves drawn by a helper process (lenet.plot_worker) that `lenet train`
+    starts before it imports torch: matplotlib's import (~0.6 s, a fifth of a book epoch)
+    then runs on the otherwise idle second core during set-up, and the trainer waits only
+    for the drawing. If the helper cannot start, dies, or fails a drawing, the picture is
+    drawn in this process instead, with the same result (or error)."""
+
+    def __init__(self):
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "lenet.plot_worker"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        except OSError:
+            self._proc = None
+
+    def training_curves(self, history, path: Path, title: str = "") -> None:
+        if self._proc is not None:
+            request = {"history": [[m.epoch, m.train_loss, m.train_acc, m.test_acc]
+                                   for m in history],
+                       "path": str(path), "title": title}
+            try:
+                self._proc.stdin.write(json.dumps(request) + "\n")
+                self._proc.stdin.flush()
+                if self._proc.stdout.readline().strip() == "ok":
+                    return
+            except (OSError, ValueError):  # it has gone
+                pass
+            self.close()
+        training_curves(history, path, title)
+
+    def close(self) -> None:
+        """Ends the helper (it ends by itself, too, when this process exits)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 def training_curves(history, path: Path, title: str = "") -> None:
     """The book's plot: train loss, train acc and test acc against epoch, on one axes."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [m.epoch for m in history]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     ax.plot(epochs, [m.train_loss for m in history], "-", label="train loss")
@@ -37,7 +90,7 @@ def training_curves(history, path: Path, title: str = "") -> None:
 
 def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
     """Test accuracy and train loss of several runs, overlaid, one colour per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for label, history in runs:
         epochs = [m.epoch for m in history]
@@ -55,7 +108,7 @@ def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
 
 
 def _save_png(fig, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
@@ -78,7 +131,7 @@ def activations_figure(images, row_labels, maps: dict, path: Path, *, max_maps: 
     it), so maps can be compared across inputs. At most `max_maps` channels per layer."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(images)
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     layers = []
@@ -148,7 +201,7 @@ def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
     class (row-normalised), true class down, predicted class across."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     k = len(classes)
     rows = cm.sum(axis=1, keepdims=True)
@@ -182,7 +235,7 @@ def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int
     first is the useful order), each titled with its true class and the prediction."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     count = min(n, len(images))
     cols = 8
     rows = max(1, -(-count // cols))
@@ -211,7 +264,7 @@ def sweep_figures(study, folder: Path) -> dict[str, str]:
 
     from optuna.visualization import matplotlib as ov
 
-    plt = _pyplot()
+    plt = pyplot()
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         return {name: "no complete trial yet" for name in ("history.png", "importances.png")}
     skipped = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from lenet import checkpoint, plots
 from lenet.config import RunConfig
 from lenet.errors import RunFolderError
+from lenet.files import atomic_write
 from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
 
 
@@ -95,7 +96,7 @@ class RunFolder:
         return self.last
 
     def write_text(self, path: Path, text: str) -> None:
-        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+        atomic_write(path, lambda f: f.write(text.encode()))
 
     def write_metrics(self, history: list[EpochMetrics]) -> None:
         buf = io.StringIO()
@@ -133,8 +134,10 @@ class RunWriter(Callback):
     # draws it once; a long run still shows its curves every half minute.
     PLOT_EVERY_S = 30.0
 
-    def __init__(self, folder: RunFolder, cfg: RunConfig, model_summary: str):
+    def __init__(self, folder: RunFolder, cfg: RunConfig, model_summary: str,
+                 painter: plots.CurvePainter | None = None):
         self.folder, self.cfg, self.model_summary = folder, cfg, model_summary
+        self.painter = painter  # draws curves.png; None: in this process
         self._plotted = (0, time.monotonic())  # (epochs drawn, when); reset at fit start
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -158,8 +161,8 @@ class RunWriter(Callback):
 
     def _plot(self, trainer: Trainer) -> None:
         if trainer.history and self._plotted[0] != len(trainer.history):
-            plots.training_curves(trainer.history, self.folder.curves,
-                                  title=self.folder.path.name)
+            (self.painter or plots).training_curves(trainer.history, self.folder.curves,
+                                                    title=self.folder.path.name)
             self._plotted = (len(trainer.history), time.monotonic())
 
     def _save(self, path: Path, trainer: Trainer) -> None:
