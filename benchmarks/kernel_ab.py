@@ -9,18 +9,20 @@ build) and loaded as its own module; `.` is the working tree's kernel.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+from step_speed import ms_per_call  # noqa: E402 - benchmarks/, this script's folder
 
 from lenet import fused, models  # noqa: E402
 from lenet.config import PRESETS  # noqa: E402
@@ -67,17 +69,12 @@ def main() -> None:
     for rev in a.revs:
         step = fused.FusedStep.for_recipe(models.init_model(cfg.model, 0), cfg.train)
         step._ext = kernel(rev)
-        steps[rev] = step
+        steps[rev] = functools.partial(step.step, x, y)
     times = {rev: [] for rev in a.revs}
     for r in range(a.rounds):
         for rev in (a.revs if r % 2 == 0 else a.revs[::-1]):
-            step = steps[rev]
-            for _ in range(5):
-                step.step(x, y)
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step.step(x, y)
-            times[rev].append((time.perf_counter() - t0) / a.steps * 1e3)
+            ms_per_call(steps[rev], 5)  # back in cache after the other kernel
+            times[rev].append(ms_per_call(steps[rev], a.steps))
     print(f"{a.recipe} recipe, batch {a.batch}, {torch.get_num_threads()} threads, "
           f"{a.rounds} interleaved rounds of {a.steps} steps; ms per step")
     print(f"{'kernel':>12} | {'min':>6} | {'p25':>6} | {'median':>6} | {'mean':>6}")

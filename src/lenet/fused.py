@@ -16,16 +16,16 @@ batch 128 (benchmarks/step_speed.py).
         loss, right = fused.step(x, y, lr)             # one SGD step, metrics before it
         logits = fused.forward(x_test)
 
-Numerics (measured against nn.Sequential + F.cross_entropy + autograd on the same weights,
-batches of 128, 37, 1 and 1,000 random images, three Xavier inits): max abs deviation of the
-logits 3.6e-7, of the gradients 1.2e-7 (largest gradient 0.96, at batch 1; 6e-8 at batch 128),
-of the parameters after one SGD step at lr 0.9 1.2e-7, of the loss 2.4e-7; the count of right
-predictions is equal. Against a float64 reference the fused step is as close as autograd's
-own fp32 (at batch 128: logits 3.8e-7 both, gradients 3.1e-8 fused, 4.9e-8 autograd): what
-differs is summation order (per-chunk and per-group gradient sums, MKL blocking), not
-approximations; the sigmoid uses a ~1 ulp exp and a true division. One epoch of
-Fashion-MNIST (book preset, seed 0, same batch order) gives train loss 2.035091 and test
-accuracy 0.5814 on both paths, equal to 6 decimals.
+Numerics (benchmarks/fused_numerics.py: against nn.Sequential + F.cross_entropy + autograd
+on the same weights, batches of 128, 37, 1 and 1,000 random images, three Xavier inits): max
+abs deviation of the logits 3.6e-7, of the gradients 1.2e-7 (largest gradient 0.96, at batch
+1; 6e-8 at batch 128), of the parameters after one SGD step at lr 0.9 1.2e-7, of the loss
+2.4e-7; the count of right predictions is equal. Against a float64 reference the fused step
+is as close as autograd's own fp32 (at batch 128: logits 3.8e-7 both, gradients 3.1e-8
+fused, 4.9e-8 autograd): what differs is summation order (per-chunk and per-group gradient
+sums, MKL blocking), not approximations; the sigmoid uses a ~1 ulp exp and a true division.
+One epoch of Fashion-MNIST (book preset, seed 0, same batch order) gives train loss 2.035091
+and test accuracy 0.5814 on both paths, equal to 6 decimals.
 ReLU, max pooling, label smoothing, momentum and weight decay are checked the same way
 (tests/test_fused.py); max pooling sends a window's gradient to its first maximum, as torch.
 
