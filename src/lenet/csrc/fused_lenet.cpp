@@ -6,12 +6,13 @@
 //
 // Why one call: at batch 128 on a few cores PyTorch autograd spends most of a step on per-op
 // dispatch and on full-size passes over the 600k conv1 activations; here every image stays in
-// cache from conv1 to pool1, conv2 runs as matrix products on chunks of `block` images, and
-// nothing large is allocated per step.
+// cache from conv1 to pool1, conv2 runs on 8 images at a time, one per vector lane, and nothing
+// large is allocated per step.
 //
 // Layout (all fp32, row-major):
-//   conv1 1->6 5x5 pad 2 (direct AVX2), act, pool 2 -> P1 [6][14][14]
-//   conv2 6->16 5x5 (im2col, channel-major (150, 4*100), + register-tiled AVX2 products), act,
+//   conv1 1->6 5x5 pad 2 (direct AVX2, one image's row in the lanes), act, pool 2 -> P1
+//   [6][14][14]
+//   conv2 6->16 5x5 (direct, register-tiled AVX2, 8 images in the lanes: P1 [1176][8]), act,
 //   pool 2
 //   flatten -> F [400], fc 400->120->84 (act) -> C logits, as sgemm on groups of 64 images.
 // The activation and the pooling are template parameters (Relu, Max), so the hot loops carry
@@ -44,8 +45,7 @@ constexpr int kP1 = 6 * 14 * 14;   // pool1 output per image
 constexpr int kA2 = 16 * 100;      // conv2 activations per image (10x10)
 constexpr int kFeat = 400;         // pool2 output, flattened
 constexpr int kH3 = 120, kH4 = 84;
-constexpr int kCols = 150;         // conv2 im2col rows: 6 channels x 5 x 5 taps
-constexpr int kSub = 4;            // images per conv2 sub-block (their im2col columns stay in L2)
+constexpr int kCols = 150;         // conv2 taps: 6 channels x 5 x 5
 
 // Gradient layout = parameter order; the conv part first, so per-chunk partial sums of the
 // conv gradients are one contiguous prefix.
@@ -274,198 +274,175 @@ void pool1_forward(const float* a1, float* p1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// conv2 as GEMM on a chunk of images. Channel-major columns (150, chunk*100) make the forward
-// W2[16,150] @ cols one GEMM with a long N, which MKL runs near peak even at M = 16.
+// conv2 with the images in the vector lanes. A lane group holds 8 images side by side: value k
+// of image l at [k * 8 + l]. Every conv2 operand is then a plain 8-wide vector at a fixed
+// offset (a tap of P1 for output position (oi, oj) is P1 lanes [ci][oi + ki][oj + kj]), so the
+// three products run straight from P1 and dZ2 with no im2col or col2im copies, and pool2 and
+// its backward are vertical operations. conv1 and pool1 keep one image in the lanes (its rows
+// are 28 wide); the images cross between the layouts by 8x8 transposes.
+constexpr int kLanes = 8;
 
-void im2col(const float* p1, int bs, float* cols, int ld) {
-  for (int r = 0; r < kCols; r++) {
-    const int ci = r / 25, ki = r / 5 % 5, kj = r % 5;
-    for (int nb = 0; nb < bs; nb++) {
-      const float* src = p1 + nb * kP1 + ci * 196 + ki * 14 + kj;
-      float* dst = cols + r * ld + nb * 100;
-      for (int i = 0; i < 10; i++) std::memcpy(dst + i * 10, src + i * 14, 10 * 4);
-    }
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
 
-void col2im(const float* cols, int bs, int ld, float* dp1) {
-  std::memset(dp1, 0, sizeof(float) * bs * kP1);
-  for (int r = 0; r < kCols; r++) {
-    const int ci = r / 25, ki = r / 5 % 5, kj = r % 5;
-    for (int nb = 0; nb < bs; nb++) {
-      float* dst = dp1 + nb * kP1 + ci * 196 + ki * 14 + kj;
-      const float* src = cols + r * ld + nb * 100;
-      for (int i = 0; i < 10; i++) {
-        float* d = dst + i * 14;
-        const float* s = src + i * 10;
-        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_loadu_ps(s)));
-        d[8] += s[8];
-        d[9] += s[9];
-      }
-    }
+// The first `width` values (a multiple of 8) of n <= 8 rows into lanes; missing images are 0.
+void to_lanes(const float* rows, int64_t stride, int n, int width, float* out) {
+  for (int k = 0; k < width; k += 8) {
+    __m256 r[8];
+    for (int l = 0; l < 8; l++)
+      r[l] = l < n ? _mm256_loadu_ps(rows + l * stride + k) : _mm256_setzero_ps();
+    transpose8(r);
+    for (int l = 0; l < 8; l++) _mm256_storeu_ps(out + (k + l) * kLanes, r[l]);
   }
 }
 
-// conv2's three matrix products on a sub-block of w = n*100 columns (n <= kSub images), as
-// register-tiled AVX2 loops rather than sgemm calls: at these shapes (M or K = 16) MKL spends
-// much of its time packing, and a sub-block's columns (150 x w floats) stay in L2 from im2col
-// to the last product. Columns go 16 at a time, then 8, then a last 4 (w is a multiple of 4),
-// which `Half` loads and stores masked. Each output is one sum in a fixed order.
-
-const __m256i kLow4 = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);
-
-// `half` is a constant wherever these are inlined (the tiles' loops unroll).
-inline __m256 load8(const float* p, bool half) {
-  return half ? _mm256_maskload_ps(p, kLow4) : _mm256_loadu_ps(p);
-}
-inline void store8(float* p, __m256 v, bool half) {
-  if (half) _mm256_maskstore_ps(p, kLow4, v);
-  else _mm256_storeu_ps(p, v);
-}
-
-// Calls tile.template run<NV, Half>(j) over the column tiles of [0, w).
-template <typename Tile>
-inline void over_columns(int w, const Tile& tile) {
-  int j = 0;
-  for (; j + 16 <= w; j += 16) tile.template run<2, false>(j);
-  if (w - j >= 8) tile.template run<1, false>(j), j += 8;
-  if (w - j == 4) tile.template run<1, true>(j);
-}
-
-// z (16 rows, stride ldz) = W2 (16, 150) @ cols (150, w): 6, 6 and 4 output channels at a time.
-struct Conv2Forward {
-  const float *w2, *cols;
-  int w, ldz;
-  float* z;
-
-  template <int NC, int NV, bool Half>
-  void channels(int c0, int j) const {
-    __m256 acc[NC][NV];
-    for (int c = 0; c < NC; c++)
-      for (int v = 0; v < NV; v++) acc[c][v] = _mm256_setzero_ps();
-    for (int k = 0; k < kCols; k++) {
-      __m256 x[NV];
-      for (int v = 0; v < NV; v++) x[v] = load8(cols + k * w + j + 8 * v, Half && v == NV - 1);
-      for (int c = 0; c < NC; c++) {
-        const __m256 wv = _mm256_broadcast_ss(w2 + (c0 + c) * kCols + k);
-        for (int v = 0; v < NV; v++) acc[c][v] = _mm256_fmadd_ps(wv, x[v], acc[c][v]);
-      }
-    }
-    for (int c = 0; c < NC; c++)
-      for (int v = 0; v < NV; v++)
-        store8(z + (c0 + c) * ldz + j + 8 * v, acc[c][v], Half && v == NV - 1);
+// The inverse, for the first n images.
+void from_lanes(const float* in, int width, int n, float* rows, int64_t stride) {
+  for (int k = 0; k < width; k += 8) {
+    __m256 r[8];
+    for (int l = 0; l < 8; l++) r[l] = _mm256_loadu_ps(in + (k + l) * kLanes);
+    transpose8(r);
+    for (int l = 0; l < n; l++) _mm256_storeu_ps(rows + l * stride + k, r[l]);
   }
-  template <int NV, bool Half>
-  void run(int j) const {
-    channels<6, NV, Half>(0, j);
-    channels<6, NV, Half>(6, j);
-    channels<4, NV, Half>(12, j);
+}
+
+// Where conv2's im2col row k = (ci, ki, kj) starts in a P1 image: ci * 196 + ki * 14 + kj.
+struct TapOffsets {
+  int at[kCols];
+  TapOffsets() {
+    for (int k = 0; k < kCols; k++) at[k] = k / 25 * 196 + k / 5 % 5 * 14 + k % 5;
   }
 };
+const TapOffsets kTap;
 
-// dW2 (16, 150) += dz (16 rows, stride ldz) @ cols (150, w)^T: tiles of 4 channels x 3 taps,
-// each a vector sum over the columns, summed across once.
-void conv2_weight_grad(const float* dz, int ldz, const float* cols, int w, float* dw2) {
-  for (int c0 = 0; c0 < 16; c0 += 4)
-    for (int k0 = 0; k0 < kCols; k0 += 3) {
-      __m256 acc[4][3];
-      for (auto& r : acc)
-        for (auto& v : r) v = _mm256_setzero_ps();
-      const auto step = [&](int j, bool half) {
-        __m256 x[3];
-        for (int b = 0; b < 3; b++) x[b] = load8(cols + (k0 + b) * w + j, half);
-        for (int a = 0; a < 4; a++) {
-          const __m256 g = load8(dz + (c0 + a) * ldz + j, half);
-          for (int b = 0; b < 3; b++) acc[a][b] = _mm256_fmadd_ps(g, x[b], acc[a][b]);
+// Z2 (16 channels, 100 positions) of a lane group = W2 (16, 150) applied to P1 lanes, without
+// the bias: NC channels x 2 neighbouring positions per tile, each a sum over k = 0..149 in order.
+template <int NC>
+inline void conv2_forward_tile(const float* w2, const float* p1, int c0, int oi, int oj,
+                               float* z) {
+  __m256 acc[NC][2];
+  for (auto& r : acc) r[0] = r[1] = _mm256_setzero_ps();
+  for (int ci = 0; ci < 6; ci++)
+    for (int ki = 0; ki < 5; ki++) {
+      const float* row = p1 + (ci * 196 + (oi + ki) * 14 + oj) * kLanes;
+      const float* w = w2 + c0 * kCols + ci * 25 + ki * 5;
+#pragma GCC unroll 5
+      for (int kj = 0; kj < 5; kj++) {
+        const __m256 x0 = _mm256_loadu_ps(row + kj * kLanes);
+        const __m256 x1 = _mm256_loadu_ps(row + (kj + 1) * kLanes);
+        for (int c = 0; c < NC; c++) {
+          const __m256 wv = _mm256_broadcast_ss(w + c * kCols + kj);
+          acc[c][0] = _mm256_fmadd_ps(wv, x0, acc[c][0]);
+          acc[c][1] = _mm256_fmadd_ps(wv, x1, acc[c][1]);
         }
-      };
-      int j = 0;
-      for (; j + 8 <= w; j += 8) step(j, false);
-      if (j < w) step(j, true);
-      for (int a = 0; a < 4; a++)
-        for (int b = 0; b < 3; b++) dw2[(c0 + a) * kCols + k0 + b] += hsum8(acc[a][b]);
+      }
+    }
+  for (int c = 0; c < NC; c++) {
+    float* o = z + ((c0 + c) * 100 + oi * 10 + oj) * kLanes;
+    _mm256_storeu_ps(o, acc[c][0]);
+    _mm256_storeu_ps(o + kLanes, acc[c][1]);
+  }
+}
+
+void conv2_forward(const float* w2, const float* p1, float* z) {
+  for (int oi = 0; oi < 10; oi++)
+    for (int oj = 0; oj < 10; oj += 2) {
+      conv2_forward_tile<6>(w2, p1, 0, oi, oj, z);
+      conv2_forward_tile<6>(w2, p1, 6, oi, oj, z);
+      conv2_forward_tile<4>(w2, p1, 12, oi, oj, z);
     }
 }
 
-// dcols (150, w) = W2^T (150, 16) @ dz (16 rows, stride ldz): 6 taps at a time.
-struct Conv2ColsGrad {
-  const float *w2, *dz;
-  int ldz, w;
-  float* dcols;
-
-  template <int NV, bool Half>
-  void run(int j) const {
-    for (int k0 = 0; k0 < kCols; k0 += 6) {
-      __m256 acc[6][NV];
-      for (auto& r : acc)
-        for (auto& v : r) v = _mm256_setzero_ps();
-      for (int c = 0; c < 16; c++) {
-        __m256 g[NV];
-        for (int v = 0; v < NV; v++) g[v] = load8(dz + c * ldz + j + 8 * v, Half && v == NV - 1);
-        for (int a = 0; a < 6; a++) {
-          const __m256 wv = _mm256_broadcast_ss(w2 + c * kCols + k0 + a);
-          for (int v = 0; v < NV; v++) acc[a][v] = _mm256_fmadd_ps(wv, g[v], acc[a][v]);
-        }
-      }
-      for (int a = 0; a < 6; a++)
-        for (int v = 0; v < NV; v++)
-          store8(dcols + (k0 + a) * w + j + 8 * v, acc[a][v], Half && v == NV - 1);
-    }
+// A 2x2 window's pooled value for 8 images: pool4's operations, lane by lane.
+template <bool Max>
+inline __m256 pool4v(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  if (!Max)
+    return _mm256_mul_ps(_mm256_set1_ps(0.25f),
+                         _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+  __m256 m = v0;
+  for (const __m256 v : {v1, v2, v3}) {
+    const __m256 up = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_blendv_ps(m, v, up);
   }
-};
+  return m;
+}
 
-// In place on z2 (16, bs*100): add bias, activation; then pool2 into the features F (bs, 400).
+// The four positions of pool2 window (i, j) in a channel's 10x10 lanes, in torch's scan order.
+inline int window_at(int c, int i, int j, int t) {
+  return (c * 100 + (2 * i + (t >> 1)) * 10 + 2 * j + (t & 1)) * kLanes;
+}
+
+// Bias and activation on Z2 (into A2, the saved activations, or in place), then pool2 into the
+// features' lanes FL (400).
 template <bool Relu, bool Max>
-void conv2_epilogue(float* z2, int bs, const float* b2, float* a2_saved, float* F) {
-  const int ld = bs * 100;
+void conv2_epilogue(float* z2, const float* b2, float* a2_saved, float* fl) {
+  float* a2 = a2_saved ? a2_saved : z2;
   for (int c = 0; c < 16; c++) {
-    float* zr = z2 + c * ld;
     const __m256 bv = _mm256_set1_ps(b2[c]);
-    int k = 0;
-    for (; k + 8 <= ld; k += 8)
-      _mm256_storeu_ps(zr + k, act8<Relu>(_mm256_add_ps(_mm256_loadu_ps(zr + k), bv)));
-    for (; k < ld; k++) zr[k] = act1<Relu>(zr[k] + b2[c]);
-    for (int nb = 0; nb < bs; nb++) {
-      const float* a = zr + nb * 100;
-      if (a2_saved) std::memcpy(a2_saved + nb * kA2 + c * 100, a, 100 * 4);
-      float* f = F + nb * kFeat + c * 25;
-      for (int i = 0; i < 5; i++)
-        for (int j = 0; j < 5; j++)
-          f[i * 5 + j] = pool4<Max>(a[2 * i * 10 + 2 * j], a[2 * i * 10 + 2 * j + 1],
-                                    a[(2 * i + 1) * 10 + 2 * j], a[(2 * i + 1) * 10 + 2 * j + 1]);
-    }
+    for (int q = c * 100 * kLanes; q < (c + 1) * 100 * kLanes; q += kLanes)
+      _mm256_storeu_ps(a2 + q, act8<Relu>(_mm256_add_ps(_mm256_loadu_ps(z2 + q), bv)));
+    for (int i = 0; i < 5; i++)
+      for (int j = 0; j < 5; j++) {
+        __m256 v[4];
+        for (int t = 0; t < 4; t++) v[t] = _mm256_loadu_ps(a2 + window_at(c, i, j, t));
+        _mm256_storeu_ps(fl + (c * 25 + i * 5 + j) * kLanes, pool4v<Max>(v[0], v[1], v[2], v[3]));
+      }
   }
+}
+
+// Lane groups per chunk of `block` images, and the images the interleaved saved buffers hold.
+int64_t groups_per_chunk(int64_t N, int block) {
+  return (std::min<int64_t>(block, N) + kLanes - 1) / kLanes;
+}
+int64_t lane_images(int64_t N, int block) {
+  return (N + block - 1) / block * groups_per_chunk(N, block) * kLanes;
 }
 
 // Features F (N, 400) of every image; with `saved`, also what the backward needs.
 template <bool Relu, bool Max>
 void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const Saved* saved,
                   int block) {
-  const int64_t chunks = (N + block - 1) / block;
+  const int64_t chunks = (N + block - 1) / block, gpc = groups_per_chunk(N, block);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float* xp = scratch(0, 32 * XW);
     float* a1_tmp = scratch(1, kA1);
-    float* p1_tmp = scratch(2, (size_t)block * kP1);
-    float* cols = scratch(3, (size_t)kCols * kSub * 100);
-    float* z2 = scratch(4, (size_t)16 * block * 100);
+    float* p1 = scratch(2, (size_t)block * kP1);
+    float* p1_tmp = scratch(3, (size_t)kP1 * kLanes);
+    float* z2 = scratch(4, (size_t)kA2 * kLanes);
+    float* fl = scratch(5, (size_t)kFeat * kLanes);
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * block;
       const int bs = (int)std::min<int64_t>(block, N - n0);
-      float* p1 = saved ? saved->P1 + n0 * kP1 : p1_tmp;
       for (int nb = 0; nb < bs; nb++) {
         float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : a1_tmp;
         x.pad(n0 + nb, xp);
         conv1_forward<Relu>(xp, p.w1, p.b1, a1);
         pool1_forward<Max>(a1, p1 + nb * kP1);
       }
-      const int ld = bs * 100;
-      for (int nb = 0; nb < bs; nb += kSub) {
-        const int w = std::min(kSub, bs - nb) * 100;
-        im2col(p1 + nb * kP1, w / 100, cols, w);
-        over_columns(w, Conv2Forward{p.w2, cols, w, ld, z2 + nb * 100});
+      for (int g = 0; g * kLanes < bs; g++) {
+        const int n = std::min(kLanes, bs - g * kLanes);
+        const int64_t at = (ch * gpc + g) * kLanes;
+        float* p1l = saved ? saved->P1 + at * kP1 : p1_tmp;
+        to_lanes(p1 + g * kLanes * kP1, kP1, n, kP1, p1l);
+        conv2_forward(p.w2, p1l, z2);
+        conv2_epilogue<Relu, Max>(z2, p.b2, saved ? saved->A2 + at * kA2 : nullptr, fl);
+        from_lanes(fl, kFeat, n, F + (n0 + g * kLanes) * kFeat, kFeat);
       }
-      conv2_epilogue<Relu, Max>(z2, bs, p.b2, saved ? saved->A2 + n0 * kA2 : nullptr,
-                                F + n0 * kFeat);
     }
   });
 }
@@ -495,52 +472,99 @@ inline void max_windows_backward(__m256 a0, __m256 a1, __m256 g8, __m256& d0, __
   d1 = _mm256_and_ps(_mm256_mul_ps(g8, act_grad8<Relu>(a1)), sel1);
 }
 
-// dZ2 (16, bs*100) = dF spread back over each 2x2 window (a quarter to each position, or all
-// to the maximum) times act'; also the chunk's conv2 bias gradient.
+// dZ2 lanes (16, 100) = the features' gradient lanes DFL (400) spread back over each 2x2
+// window (a quarter to each position, or all to the window's first maximum in torch's scan
+// order) times act'; the conv2 bias gradient accumulates in db2 (16 vectors).
 template <bool Relu, bool Max>
-void pool2_act_backward(const float* dF, const float* A2, int bs, float* dz2, float* db2) {
-  const int ld = bs * 100;
+void pool2_act_backward(const float* dfl, const float* a2, float* dz2, __m256* db2) {
+  const __m256 quarter = _mm256_set1_ps(0.25f);
   for (int c = 0; c < 16; c++) {
-    float s = 0.f;
-    for (int nb = 0; nb < bs; nb++) {
-      const float* a = A2 + nb * kA2 + c * 100;
-      const float* g = dF + nb * kFeat + c * 25;
-      float* d = dz2 + c * ld + nb * 100;
-      if (!Max) {
-        for (int i = 0; i < 10; i++)
-          for (int j = 0; j < 10; j++) {
-            const float v = 0.25f * g[(i >> 1) * 5 + (j >> 1)] * act_grad1<Relu>(a[i * 10 + j]);
-            d[i * 10 + j] = v;
-            s += v;
+    __m256 s = db2[c];  // local: __m256 may alias the float stores
+    for (int i = 0; i < 5; i++)
+      for (int j = 0; j < 5; j++) {
+        const __m256 g = _mm256_loadu_ps(dfl + (c * 25 + i * 5 + j) * kLanes);
+        __m256 a[4];
+        for (int t = 0; t < 4; t++) a[t] = _mm256_loadu_ps(a2 + window_at(c, i, j, t));
+        __m256 d[4];
+        if (!Max) {
+          const __m256 gq = _mm256_mul_ps(quarter, g);
+          for (int t = 0; t < 4; t++) d[t] = _mm256_mul_ps(gq, act_grad8<Relu>(a[t]));
+        } else {
+          // pool4v's scan, remembering which position won.
+          __m256 m = a[0], k = _mm256_setzero_ps();
+          for (int t = 1; t < 4; t++) {
+            const __m256 up = _mm256_or_ps(_mm256_cmp_ps(a[t], m, _CMP_GT_OQ),
+                                           _mm256_cmp_ps(a[t], a[t], _CMP_UNORD_Q));
+            m = _mm256_blendv_ps(m, a[t], up);
+            k = _mm256_blendv_ps(k, _mm256_set1_ps((float)t), up);
           }
-        continue;
+          const __m256 v = _mm256_mul_ps(g, act_grad8<Relu>(m));
+          for (int t = 0; t < 4; t++)
+            d[t] = _mm256_and_ps(_mm256_cmp_ps(k, _mm256_set1_ps((float)t), _CMP_EQ_OQ), v);
+        }
+        for (int t = 0; t < 4; t++) {
+          _mm256_storeu_ps(dz2 + window_at(c, i, j, t), d[t]);
+          s = _mm256_add_ps(s, d[t]);
+        }
       }
-      const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-      for (int i = 0; i < 5; i++) {
-        // Windows 0..3 of the row pair as vectors (columns 0..7), window 4 alone.
-        __m256 d0, d1;
-        const __m256 g8 =
-            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(g + i * 5)), dup);
-        max_windows_backward<Relu>(_mm256_loadu_ps(a + 2 * i * 10),
-                                   _mm256_loadu_ps(a + 2 * i * 10 + 10), g8, d0, d1);
-        _mm256_storeu_ps(d + 2 * i * 10, d0);
-        _mm256_storeu_ps(d + 2 * i * 10 + 10, d1);
-        s += hsum8(_mm256_add_ps(d0, d1));
-        const float* w0 = a + 2 * i * 10 + 8;  // window 4's two rows
-        const float* w1 = w0 + 10;
-        const Pick pick = max4(w0[0], w0[1], w1[0], w1[1]);
-        const float v = g[i * 5 + 4] * act_grad1<Relu>(pick.m);
-        float* e0 = d + 2 * i * 10 + 8;
-        float* e1 = e0 + 10;
-        e0[0] = pick.k == 0 ? v : 0.f;
-        e0[1] = pick.k == 1 ? v : 0.f;
-        e1[0] = pick.k == 2 ? v : 0.f;
-        e1[1] = pick.k == 3 ? v : 0.f;
-        s += v;
-      }
-    }
     db2[c] = s;
   }
+}
+
+// dW2 (16, 150) lanes += dZ2 lanes (16, 100) x P1 lanes' taps, summed over the 100 positions:
+// tiles of 4 channels x 3 taps; dw2 holds one vector per weight (summed across once a chunk).
+void conv2_weight_grad(const float* dz2, const float* p1, __m256* dw2) {
+  for (int c0 = 0; c0 < 16; c0 += 4)
+    for (int k0 = 0; k0 < kCols; k0 += 3) {
+      __m256 acc[4][3];
+      for (auto& r : acc)
+        for (auto& v : r) v = _mm256_setzero_ps();
+      const float* src[3];
+      for (int b = 0; b < 3; b++) src[b] = p1 + kTap.at[k0 + b] * kLanes;
+      for (int oi = 0; oi < 10; oi++)
+        for (int oj = 0; oj < 10; oj++) {
+          const int q = (oi * 14 + oj) * kLanes, pos = (oi * 10 + oj) * kLanes;
+          __m256 x[3];
+          for (int b = 0; b < 3; b++) x[b] = _mm256_loadu_ps(src[b] + q);
+          for (int a = 0; a < 4; a++) {
+            const __m256 g = _mm256_loadu_ps(dz2 + (c0 + a) * 100 * kLanes + pos);
+            for (int b = 0; b < 3; b++) acc[a][b] = _mm256_fmadd_ps(g, x[b], acc[a][b]);
+          }
+        }
+      for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 3; b++) {
+          __m256& t = dw2[(c0 + a) * kCols + k0 + b];
+          t = _mm256_add_ps(t, acc[a][b]);
+        }
+    }
+}
+
+// dP1 lanes (zeroed by the caller) += W2^T dZ2, scattered back to the taps' positions: tiles of
+// 6 taps x 2 neighbouring positions, each a sum over the 16 channels, added in a fixed order.
+void conv2_input_grad(const float* w2, const float* dz2, float* dp1) {
+  for (int oi = 0; oi < 10; oi++)
+    for (int oj = 0; oj < 10; oj += 2) {
+      const int pos = (oi * 10 + oj) * kLanes, q = oi * 14 + oj;
+      for (int k0 = 0; k0 < kCols; k0 += 6) {
+        __m256 acc[6][2];
+        for (auto& r : acc) r[0] = r[1] = _mm256_setzero_ps();
+        for (int c = 0; c < 16; c++) {
+          const __m256 g0 = _mm256_loadu_ps(dz2 + c * 100 * kLanes + pos);
+          const __m256 g1 = _mm256_loadu_ps(dz2 + c * 100 * kLanes + pos + kLanes);
+          for (int a = 0; a < 6; a++) {
+            const __m256 wv = _mm256_broadcast_ss(w2 + c * kCols + k0 + a);
+            acc[a][0] = _mm256_fmadd_ps(wv, g0, acc[a][0]);
+            acc[a][1] = _mm256_fmadd_ps(wv, g1, acc[a][1]);
+          }
+        }
+        // One add at a time: tap k+1 at position p and tap k at p+1 can be the same pixel.
+        for (int a = 0; a < 6; a++)
+          for (int v = 0; v < 2; v++) {
+            float* d = dp1 + (kTap.at[k0 + a] + q + v) * kLanes;
+            _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), acc[a][v]));
+          }
+      }
+    }
 }
 
 // dZ1 (6, 28, AW) of one image = dP1 spread back over each 2x2 window, times act'; the 4
@@ -619,10 +643,12 @@ void conv1_weight_backward(const float* xp, const float* dz1, __m256* dw1) {
     }
 }
 
-// The conv gradients of images [n0, n0+bs) into `part` (kConvGrads floats, overwritten).
+// The conv gradients of chunk ch, images [n0, n0+bs), into `part` (kConvGrads floats,
+// overwritten).
 template <bool Relu, bool Max>
-void conv_backward_chunk(const Images& x, int64_t n0, int bs, const float* dF, const Saved& sv,
-                         const float* w2, int block, float* part) {
+void conv_backward_chunk(const Images& x, int64_t ch, int64_t n0, int bs, int64_t gpc,
+                         const float* dF, const Saved& sv, const float* w2, int block,
+                         float* part) {
   float* dw1 = part;
   float* db1 = dw1 + kW1;
   float* dw2 = db1 + kB1;
@@ -630,22 +656,26 @@ void conv_backward_chunk(const Images& x, int64_t n0, int bs, const float* dF, c
   float* xp = scratch(0, 32 * XW);
   float* dz1 = scratch(1, kA1);
   float* dp1 = scratch(2, (size_t)block * kP1);
-  float* cols = scratch(3, (size_t)kCols * kSub * 100);
-  float* dz2 = scratch(4, (size_t)16 * block * 100);
-  float* dcols = scratch(5, (size_t)kCols * kSub * 100);
-  const int ld = bs * 100;
+  float* dp1l = scratch(3, (size_t)kP1 * kLanes);
+  float* dz2 = scratch(4, (size_t)kA2 * kLanes);
+  float* dfl = scratch(5, (size_t)kFeat * kLanes);
+  thread_local std::vector<__m256> w2acc(kW2);
 
-  pool2_act_backward<Relu, Max>(dF + n0 * kFeat, sv.A2 + n0 * kA2, bs, dz2, db2);
-  // Per sub-block: recomputing im2col is cheaper than keeping 150 x 100 floats per image
-  // around; both products read it while it is in L2.
-  std::fill(dw2, dw2 + kW2, 0.f);
-  for (int nb = 0; nb < bs; nb += kSub) {
-    const int n = std::min(kSub, bs - nb), w = n * 100;
-    im2col(sv.P1 + (n0 + nb) * kP1, n, cols, w);
-    conv2_weight_grad(dz2 + nb * 100, ld, cols, w, dw2);
-    over_columns(w, Conv2ColsGrad{w2, dz2 + nb * 100, ld, w, dcols});
-    col2im(dcols, n, w, dp1 + nb * kP1);
+  __m256 b2acc[kB2];
+  for (auto& v : b2acc) v = _mm256_setzero_ps();
+  std::fill(w2acc.begin(), w2acc.end(), _mm256_setzero_ps());
+  for (int g = 0; g * kLanes < bs; g++) {
+    const int n = std::min(kLanes, bs - g * kLanes);
+    const int64_t at = (ch * gpc + g) * kLanes;
+    to_lanes(dF + (n0 + g * kLanes) * kFeat, kFeat, n, kFeat, dfl);
+    pool2_act_backward<Relu, Max>(dfl, sv.A2 + at * kA2, dz2, b2acc);
+    conv2_weight_grad(dz2, sv.P1 + at * kP1, w2acc.data());
+    std::memset(dp1l, 0, sizeof(float) * kP1 * kLanes);
+    conv2_input_grad(w2, dz2, dp1l);
+    from_lanes(dp1l, kP1, n, dp1 + g * kLanes * kP1, kP1);
   }
+  for (int t = 0; t < kW2; t++) dw2[t] = hsum8(w2acc[t]);
+  for (int c = 0; c < kB2; c++) db2[c] = hsum8(b2acc[c]);
 
   __m256 w1acc[kW1], b1acc[kB1];
   for (auto& v : w1acc) v = _mm256_setzero_ps();
@@ -662,13 +692,13 @@ void conv_backward_chunk(const Images& x, int64_t n0, int bs, const float* dF, c
 template <bool Relu, bool Max>
 void conv_backward(const Images& x, int64_t N, const float* dF, const Saved& sv, const float* w2,
                    int block, float* grads) {
-  const int64_t chunks = (N + block - 1) / block;
+  const int64_t chunks = (N + block - 1) / block, gpc = groups_per_chunk(N, block);
   std::vector<float> parts((size_t)chunks * kConvGrads);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * block;
       const int bs = (int)std::min<int64_t>(block, N - n0);
-      conv_backward_chunk<Relu, Max>(x, n0, bs, dF, sv, w2, block,
+      conv_backward_chunk<Relu, Max>(x, ch, n0, bs, gpc, dF, sv, w2, block,
                                      parts.data() + ch * kConvGrads);
     }
   });
@@ -957,12 +987,13 @@ std::tuple<torch::Tensor, torch::Tensor> train_step(
   const int C = p.classes;
   check_labels(y, N, C);
 
-  float* w = ensure(ws, N * (kA1 + kP1 + kA2 + kFeat * 2 + (kH3 + kH4) * 2 + C) +
+  const int64_t NL = lane_images(N, (int)block);
+  float* w = ensure(ws, N * (kA1 + kFeat * 2 + (kH3 + kH4) * 2 + C) + NL * (kP1 + kA2) +
                            (num_groups(N) - 1) * num_grads(C));
   Saved sv;
   sv.A1 = w, w += N * kA1;
-  sv.P1 = w, w += N * kP1;
-  sv.A2 = w, w += N * kA2;
+  sv.P1 = w, w += NL * kP1;
+  sv.A2 = w, w += NL * kA2;
   sv.F = w, w += N * kFeat;
   sv.H3 = w, w += N * kH3;
   sv.H4 = w, w += N * kH4;
