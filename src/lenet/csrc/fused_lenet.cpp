@@ -539,30 +539,33 @@ void conv2_weight_grad(const float* dz2, const float* p1, __m256* dw2) {
     }
 }
 
-// dP1 lanes (zeroed by the caller) += W2^T dZ2, scattered back to the taps' positions: tiles of
-// 6 taps x 2 neighbouring positions, each a sum over the 16 channels, added in a fixed order.
+// dP1 lanes (zeroed by the caller) += W2^T dZ2, scattered back to the taps' pixels: tiles of one
+// kernel row's 5 taps (ci, ki) x 2 neighbouring positions, each a sum over the 16 channels. Tap
+// kj at position p + 1 and tap kj + 1 at p read the same pixel, so the tile's 10 sums fold into
+// its row's 6 pixels in registers before one add each to memory.
 void conv2_input_grad(const float* w2, const float* dz2, float* dp1) {
   for (int oi = 0; oi < 10; oi++)
     for (int oj = 0; oj < 10; oj += 2) {
-      const int pos = (oi * 10 + oj) * kLanes, q = oi * 14 + oj;
-      for (int k0 = 0; k0 < kCols; k0 += 6) {
-        __m256 acc[6][2];
-        for (auto& r : acc) r[0] = r[1] = _mm256_setzero_ps();
+      const int pos = (oi * 10 + oj) * kLanes;
+      for (int r = 0; r < 30; r++) {  // r = ci * 5 + ki
+        __m256 acc[5][2];
+        for (auto& v : acc) v[0] = v[1] = _mm256_setzero_ps();
         for (int c = 0; c < 16; c++) {
           const __m256 g0 = _mm256_loadu_ps(dz2 + c * 100 * kLanes + pos);
           const __m256 g1 = _mm256_loadu_ps(dz2 + c * 100 * kLanes + pos + kLanes);
-          for (int a = 0; a < 6; a++) {
-            const __m256 wv = _mm256_broadcast_ss(w2 + c * kCols + k0 + a);
-            acc[a][0] = _mm256_fmadd_ps(wv, g0, acc[a][0]);
-            acc[a][1] = _mm256_fmadd_ps(wv, g1, acc[a][1]);
+          const float* w = w2 + c * kCols + r * 5;
+          for (int kj = 0; kj < 5; kj++) {
+            const __m256 wv = _mm256_broadcast_ss(w + kj);
+            acc[kj][0] = _mm256_fmadd_ps(wv, g0, acc[kj][0]);
+            acc[kj][1] = _mm256_fmadd_ps(wv, g1, acc[kj][1]);
           }
         }
-        // One add at a time: tap k+1 at position p and tap k at p+1 can be the same pixel.
-        for (int a = 0; a < 6; a++)
-          for (int v = 0; v < 2; v++) {
-            float* d = dp1 + (kTap.at[k0 + a] + q + v) * kLanes;
-            _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), acc[a][v]));
-          }
+        float* d = dp1 + ((r / 5) * 196 + (oi + r % 5) * 14 + oj) * kLanes;
+        for (int t = 0; t < 6; t++) {
+          __m256 v = t < 5 ? acc[t][0] : acc[4][1];
+          if (t > 0 && t < 5) v = _mm256_add_ps(acc[t - 1][1], v);
+          _mm256_storeu_ps(d + t * kLanes, _mm256_add_ps(_mm256_loadu_ps(d + t * kLanes), v));
+        }
       }
     }
 }
