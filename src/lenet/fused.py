@@ -5,10 +5,10 @@ pooling (exercise 1's "modern" LeNet), label smoothing, and torch.optim.SGD's mo
 
 Why: on a few CPU cores PyTorch autograd spends most of a LeNet step on per-op overhead and
 on full-size passes over the conv1 activations; the fused step (csrc/fused_lenet.cpp) keeps
-each image in cache through conv1 and pool1, runs conv2 on chunks of `block` images as
-register-tiled AVX2 matrix products (four images' im2col columns at a time, while they are in
-L2), the dense layers as MKL GEMMs on groups of 64 images in parallel, and is ~3x faster at
-batch 128 (benchmarks/step_speed.py).
+each image in cache through conv1 and pool1, runs conv2 on 8 images at a time, one per vector
+lane (so its three products are direct register-tiled AVX2 loops with no im2col copies), the
+dense layers as MKL GEMMs on groups of 64 images in parallel, and is ~3.5x faster at batch 128
+(benchmarks/step_speed.py).
 
     reason = supports(model_spec, train_spec, device)  # None: the kernel computes this recipe
     if reason is None and load() is not None:
@@ -67,8 +67,8 @@ SOURCES = (_CSRC / "fused_lenet.cpp", _CSRC / "blocks.cpp")
 # -fopenmp: at::parallel_for is a header template; without it the pragma compiles away and
 # the chunks run one after another while MKL's own threads spin (2 threads were slower than 1).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
-# Images per chunk: 16 keeps a chunk's im2col (150 x 1,600 floats, ~1 MB) near L2 and gives
-# batch 128 eight chunks, which two threads split evenly; 8, 16 and 32 measured alike.
+# Images per chunk (two lane groups of 8): batch 128 gives eight chunks, which two threads split
+# evenly, and a chunk's conv2 operands stay in L2.
 BLOCK = 16
 
 _BOOK_CONVS = (ConvSpec(6, 5, 2), ConvSpec(16, 5, 0))
