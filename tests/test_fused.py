@@ -223,6 +223,21 @@ def test_gradients_match_autograd(kernel):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [1, 5, 13, 40])
+def test_any_chunk_size_gives_autograds_gradients_and_logits(kernel, block):
+    # conv2 runs on lane groups of 8 images inside each chunk: chunks that are not a multiple
+    # of 8, or larger than the batch, leave part of their last group empty.
+    model = book(seed=3)
+    x, y = batch(37, seed=4)
+    step = fused.FusedStep(model, LR, block=block)
+    grads = step._gradients(x, y)
+    F.cross_entropy(model(x), y).backward()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(step.forward(x), model(x), **TOL)
+
+
 def test_any_number_of_classes(kernel):
     model = book(num_classes=3)
     ref = copy.deepcopy(model)

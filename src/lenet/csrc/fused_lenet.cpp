@@ -413,35 +413,45 @@ int64_t lane_images(int64_t N, int block) {
   return (N + block - 1) / block * groups_per_chunk(N, block) * kLanes;
 }
 
+// A thread's scratch for its chunks, the same buffers forward (values) and backward (their
+// gradients): a padded image, one image's conv1 map, the chunk's pool1 maps one image after
+// another, and one lane group's pool1, conv2 and feature lanes.
+struct ChunkScratch {
+  float *xp, *image, *pool1, *pool1_lanes, *conv2_lanes, *feature_lanes;
+  explicit ChunkScratch(int block)
+      : xp(scratch(0, 32 * XW)),
+        image(scratch(1, kA1)),
+        pool1(scratch(2, (size_t)block * kP1)),
+        pool1_lanes(scratch(3, (size_t)kP1 * kLanes)),
+        conv2_lanes(scratch(4, (size_t)kA2 * kLanes)),
+        feature_lanes(scratch(5, (size_t)kFeat * kLanes)) {}
+};
+
 // Features F (N, 400) of every image; with `saved`, also what the backward needs.
 template <bool Relu, bool Max>
 void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const Saved* saved,
                   int block) {
   const int64_t chunks = (N + block - 1) / block, gpc = groups_per_chunk(N, block);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    float* xp = scratch(0, 32 * XW);
-    float* a1_tmp = scratch(1, kA1);
-    float* p1 = scratch(2, (size_t)block * kP1);
-    float* p1_tmp = scratch(3, (size_t)kP1 * kLanes);
-    float* z2 = scratch(4, (size_t)kA2 * kLanes);
-    float* fl = scratch(5, (size_t)kFeat * kLanes);
+    const ChunkScratch s(block);
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * block;
       const int bs = (int)std::min<int64_t>(block, N - n0);
       for (int nb = 0; nb < bs; nb++) {
-        float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : a1_tmp;
-        x.pad(n0 + nb, xp);
-        conv1_forward<Relu>(xp, p.w1, p.b1, a1);
-        pool1_forward<Max>(a1, p1 + nb * kP1);
+        float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : s.image;
+        x.pad(n0 + nb, s.xp);
+        conv1_forward<Relu>(s.xp, p.w1, p.b1, a1);
+        pool1_forward<Max>(a1, s.pool1 + nb * kP1);
       }
       for (int g = 0; g * kLanes < bs; g++) {
         const int n = std::min(kLanes, bs - g * kLanes);
         const int64_t at = (ch * gpc + g) * kLanes;
-        float* p1l = saved ? saved->P1 + at * kP1 : p1_tmp;
-        to_lanes(p1 + g * kLanes * kP1, kP1, n, kP1, p1l);
-        conv2_forward(p.w2, p1l, z2);
-        conv2_epilogue<Relu, Max>(z2, p.b2, saved ? saved->A2 + at * kA2 : nullptr, fl);
-        from_lanes(fl, kFeat, n, F + (n0 + g * kLanes) * kFeat, kFeat);
+        float* p1l = saved ? saved->P1 + at * kP1 : s.pool1_lanes;
+        to_lanes(s.pool1 + g * kLanes * kP1, kP1, n, kP1, p1l);
+        conv2_forward(p.w2, p1l, s.conv2_lanes);
+        conv2_epilogue<Relu, Max>(s.conv2_lanes, p.b2, saved ? saved->A2 + at * kA2 : nullptr,
+                                  s.feature_lanes);
+        from_lanes(s.feature_lanes, kFeat, n, F + (n0 + g * kLanes) * kFeat, kFeat);
       }
     }
   });
@@ -656,12 +666,7 @@ void conv_backward_chunk(const Images& x, int64_t ch, int64_t n0, int bs, int64_
   float* db1 = dw1 + kW1;
   float* dw2 = db1 + kB1;
   float* db2 = dw2 + kW2;
-  float* xp = scratch(0, 32 * XW);
-  float* dz1 = scratch(1, kA1);
-  float* dp1 = scratch(2, (size_t)block * kP1);
-  float* dp1l = scratch(3, (size_t)kP1 * kLanes);
-  float* dz2 = scratch(4, (size_t)kA2 * kLanes);
-  float* dfl = scratch(5, (size_t)kFeat * kLanes);
+  const ChunkScratch s(block);  // here dF's, dZ2's, dP1's and dZ1's values
   thread_local std::vector<__m256> w2acc(kW2);
 
   __m256 b2acc[kB2];
@@ -670,12 +675,12 @@ void conv_backward_chunk(const Images& x, int64_t ch, int64_t n0, int bs, int64_
   for (int g = 0; g * kLanes < bs; g++) {
     const int n = std::min(kLanes, bs - g * kLanes);
     const int64_t at = (ch * gpc + g) * kLanes;
-    to_lanes(dF + (n0 + g * kLanes) * kFeat, kFeat, n, kFeat, dfl);
-    pool2_act_backward<Relu, Max>(dfl, sv.A2 + at * kA2, dz2, b2acc);
-    conv2_weight_grad(dz2, sv.P1 + at * kP1, w2acc.data());
-    std::memset(dp1l, 0, sizeof(float) * kP1 * kLanes);
-    conv2_input_grad(w2, dz2, dp1l);
-    from_lanes(dp1l, kP1, n, dp1 + g * kLanes * kP1, kP1);
+    to_lanes(dF + (n0 + g * kLanes) * kFeat, kFeat, n, kFeat, s.feature_lanes);
+    pool2_act_backward<Relu, Max>(s.feature_lanes, sv.A2 + at * kA2, s.conv2_lanes, b2acc);
+    conv2_weight_grad(s.conv2_lanes, sv.P1 + at * kP1, w2acc.data());
+    std::memset(s.pool1_lanes, 0, sizeof(float) * kP1 * kLanes);
+    conv2_input_grad(w2, s.conv2_lanes, s.pool1_lanes);
+    from_lanes(s.pool1_lanes, kP1, n, s.pool1 + g * kLanes * kP1, kP1);
   }
   for (int t = 0; t < kW2; t++) dw2[t] = hsum8(w2acc[t]);
   for (int c = 0; c < kB2; c++) db2[c] = hsum8(b2acc[c]);
@@ -684,9 +689,9 @@ void conv_backward_chunk(const Images& x, int64_t ch, int64_t n0, int bs, int64_
   for (auto& v : w1acc) v = _mm256_setzero_ps();
   for (auto& v : b1acc) v = _mm256_setzero_ps();
   for (int nb = 0; nb < bs; nb++) {
-    pool1_act_backward<Relu, Max>(sv.A1 + (n0 + nb) * kA1, dp1 + nb * kP1, dz1, b1acc);
-    x.pad(n0 + nb, xp);
-    conv1_weight_backward(xp, dz1, w1acc);
+    pool1_act_backward<Relu, Max>(sv.A1 + (n0 + nb) * kA1, s.pool1 + nb * kP1, s.image, b1acc);
+    x.pad(n0 + nb, s.xp);
+    conv1_weight_backward(s.xp, s.image, w1acc);
   }
   for (int t = 0; t < kW1; t++) dw1[t] = hsum8(w1acc[t]);
   for (int c = 0; c < kB1; c++) db1[c] = hsum8(b1acc[c]);
