@@ -273,6 +273,22 @@ def test_one_and_two_threads_agree(kernel, threads):
     assert_params_close(*results)
 
 
+def test_one_two_and_four_threads_give_the_same_bits(kernel, threads):
+    # Up to as many threads as groups of 64 images, each thread takes whole groups through the
+    # step in one parallel region; with more (4 threads, 2 groups) the step runs layer by layer.
+    # The sums run in the same order either way.
+    results = []
+    for n_threads in (1, 2, 4):
+        threads(n_threads)
+        model = book()
+        step = fused.FusedStep(model, LR)
+        metrics = [m for n in (128, 96, 130) for m in step.step(*batch(n, seed=n))]
+        results.append(list(model.parameters()) + metrics)
+    first, *others = results
+    for other in others:
+        assert all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_reads_the_live_parameters(kernel):
     model, other = book(seed=0), book(seed=1)
     step = fused.FusedStep(model, LR)

@@ -29,11 +29,13 @@ and test accuracy 0.5814 on both paths, equal to 6 decimals.
 ReLU, max pooling, label smoothing, momentum and weight decay are checked the same way
 (tests/test_fused.py); max pooling sends a window's gradient to its first maximum, as torch.
 
-Determinism: with the same thread count, the same weights and batch give bitwise the same
-result. The conv gradients are summed per chunk of `block` images and the chunks are added
-in order, the dense ones per group of 64 images and the groups added in order, so thread
-scheduling never matters; each group's GEMMs run on one thread. (The forward alone, for
-evaluation, runs its dense layers as MKL GEMMs on the whole batch.)
+Determinism: the same weights and batch give bitwise the same result, on 1, 2 or 4 threads
+(tests/test_fused.py). The conv gradients are summed per chunk of `block` images and the
+chunks are added in order, the dense ones per group of 64 images and the groups added in
+order, so thread scheduling never matters; each group's GEMMs run on one thread. With no
+more threads than groups, each thread takes whole groups through the step in one parallel
+region; with more, the step runs layer by layer; the sums are the same either way. (The
+forward alone, for evaluation, runs its dense layers as MKL GEMMs on the whole batch.)
 
 The compiled extension is cached by torch ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions) under a name holding a hash of the source, the flags and the

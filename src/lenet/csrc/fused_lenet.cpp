@@ -427,33 +427,42 @@ struct ChunkScratch {
         feature_lanes(scratch(5, (size_t)kFeat * kLanes)) {}
 };
 
+int64_t num_chunks(int64_t N, int block) { return (N + block - 1) / block; }
+
+// Features F of the images of chunks [c0, c1); with `saved`, also what the backward needs.
+template <bool Relu, bool Max>
+void conv_forward_chunks(const Images& x, int64_t N, const Params& p, float* F,
+                         const Saved* saved, int block, int64_t c0, int64_t c1) {
+  const int64_t gpc = groups_per_chunk(N, block);
+  const ChunkScratch s(block);
+  for (int64_t ch = c0; ch < c1; ch++) {
+    const int64_t n0 = ch * block;
+    const int bs = (int)std::min<int64_t>(block, N - n0);
+    for (int nb = 0; nb < bs; nb++) {
+      float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : s.image;
+      x.pad(n0 + nb, s.xp);
+      conv1_forward<Relu>(s.xp, p.w1, p.b1, a1);
+      pool1_forward<Max>(a1, s.pool1 + nb * kP1);
+    }
+    for (int g = 0; g * kLanes < bs; g++) {
+      const int n = std::min(kLanes, bs - g * kLanes);
+      const int64_t at = (ch * gpc + g) * kLanes;
+      float* p1l = saved ? saved->P1 + at * kP1 : s.pool1_lanes;
+      to_lanes(s.pool1 + g * kLanes * kP1, kP1, n, kP1, p1l);
+      conv2_forward(p.w2, p1l, s.conv2_lanes);
+      conv2_epilogue<Relu, Max>(s.conv2_lanes, p.b2, saved ? saved->A2 + at * kA2 : nullptr,
+                                s.feature_lanes);
+      from_lanes(s.feature_lanes, kFeat, n, F + (n0 + g * kLanes) * kFeat, kFeat);
+    }
+  }
+}
+
 // Features F (N, 400) of every image; with `saved`, also what the backward needs.
 template <bool Relu, bool Max>
 void conv_forward(const Images& x, int64_t N, const Params& p, float* F, const Saved* saved,
                   int block) {
-  const int64_t chunks = (N + block - 1) / block, gpc = groups_per_chunk(N, block);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    const ChunkScratch s(block);
-    for (int64_t ch = c0; ch < c1; ch++) {
-      const int64_t n0 = ch * block;
-      const int bs = (int)std::min<int64_t>(block, N - n0);
-      for (int nb = 0; nb < bs; nb++) {
-        float* a1 = saved ? saved->A1 + (n0 + nb) * kA1 : s.image;
-        x.pad(n0 + nb, s.xp);
-        conv1_forward<Relu>(s.xp, p.w1, p.b1, a1);
-        pool1_forward<Max>(a1, s.pool1 + nb * kP1);
-      }
-      for (int g = 0; g * kLanes < bs; g++) {
-        const int n = std::min(kLanes, bs - g * kLanes);
-        const int64_t at = (ch * gpc + g) * kLanes;
-        float* p1l = saved ? saved->P1 + at * kP1 : s.pool1_lanes;
-        to_lanes(s.pool1 + g * kLanes * kP1, kP1, n, kP1, p1l);
-        conv2_forward(p.w2, p1l, s.conv2_lanes);
-        conv2_epilogue<Relu, Max>(s.conv2_lanes, p.b2, saved ? saved->A2 + at * kA2 : nullptr,
-                                  s.feature_lanes);
-        from_lanes(s.feature_lanes, kFeat, n, F + (n0 + g * kLanes) * kFeat, kFeat);
-      }
-    }
+  at::parallel_for(0, num_chunks(N, block), 1, [&](int64_t c0, int64_t c1) {
+    conv_forward_chunks<Relu, Max>(x, N, p, F, saved, block, c0, c1);
   });
 }
 
@@ -697,23 +706,16 @@ void conv_backward_chunk(const Images& x, int64_t ch, int64_t n0, int bs, int64_
   for (int c = 0; c < kB1; c++) db1[c] = hsum8(b1acc[c]);
 }
 
+// The conv gradients of chunks [c0, c1), each into its own kConvGrads floats of `parts`.
 template <bool Relu, bool Max>
-void conv_backward(const Images& x, int64_t N, const float* dF, const Saved& sv, const float* w2,
-                   int block, float* grads) {
-  const int64_t chunks = (N + block - 1) / block, gpc = groups_per_chunk(N, block);
-  std::vector<float> parts((size_t)chunks * kConvGrads);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ch++) {
-      const int64_t n0 = ch * block;
-      const int bs = (int)std::min<int64_t>(block, N - n0);
-      conv_backward_chunk<Relu, Max>(x, ch, n0, bs, gpc, dF, sv, w2, block,
-                                     parts.data() + ch * kConvGrads);
-    }
-  });
-  std::memcpy(grads, parts.data(), kConvGrads * 4);
-  for (int64_t ch = 1; ch < chunks; ch++) {
-    const float* p = parts.data() + ch * kConvGrads;
-    for (int k = 0; k < kConvGrads; k++) grads[k] += p[k];
+void conv_backward_chunks(const Images& x, int64_t N, const float* dF, const Saved& sv,
+                          const float* w2, int block, int64_t c0, int64_t c1, float* parts) {
+  const int64_t gpc = groups_per_chunk(N, block);
+  for (int64_t ch = c0; ch < c1; ch++) {
+    const int64_t n0 = ch * block;
+    const int bs = (int)std::min<int64_t>(block, N - n0);
+    conv_backward_chunk<Relu, Max>(x, ch, n0, bs, gpc, dF, sv, w2, block,
+                                   parts + ch * kConvGrads);
   }
 }
 
@@ -843,36 +845,24 @@ constexpr int kGroup = 64;
 
 int64_t num_groups(int64_t N) { return (N + kGroup - 1) / kGroup; }
 
-// Mean loss and number right; the dense gradients into g (groups after the first write into
-// `parts`, num_grads(C) floats each), dF filled for the conv backward.
+// The dense layers, loss and dense backward of group k (images [64k, 64k + 64) of N): its
+// summed loss and number right; its dense gradients into g (group 0) or `parts` (group k at
+// (k - 1) * num_grads(C)); dF filled for the conv backward.
 template <bool Relu>
-std::pair<double, int64_t> dense_step(const int64_t* y, int64_t N, const Params& p,
-                                      const Saved& sv, float* G3, float* G4, float* dF, float* g,
-                                      float* parts, float eps) {
+std::pair<double, int64_t> dense_group(int64_t k, const int64_t* y, int64_t N, const Params& p,
+                                       const Saved& sv, float* G3, float* G4, float* dF,
+                                       float* g, float* parts, float eps) {
   const int C = p.classes;
-  const int64_t groups = num_groups(N), total = num_grads(C);
-  std::vector<std::pair<double, int64_t>> res(groups);
-  at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; k++) {
-      const int64_t r0 = k * kGroup;
-      const int n = (int)std::min<int64_t>(kGroup, N - r0);
-      Saved s = sv;
-      s.F += r0 * kFeat, s.H3 += r0 * kH3, s.H4 += r0 * kH4, s.L += r0 * C;
-      dense_forward<Relu>(n, p, s.F, s.H3, s.H4, s.L);
-      res[k] = softmax_cross_entropy(s.L, y + r0, n, C, eps, N);
-      float* gk = k == 0 ? g : parts + (k - 1) * total;
-      dense_backward<Relu>(n, p, s, carve_grads(gk, C), G4 + r0 * kH4, G3 + r0 * kH3,
-                           dF + r0 * kFeat);
-    }
-  });
-  for (int64_t k = 1; k < groups; k++) {
-    const float* q = parts + (k - 1) * total;
-    for (int64_t i = kConvGrads; i < total; i++) g[i] += q[i];
-  }
-  double loss = 0;
-  int64_t right = 0;
-  for (const auto& [l, r] : res) loss += l, right += r;
-  return {loss / (double)N, right};
+  const int64_t r0 = k * kGroup;
+  const int n = (int)std::min<int64_t>(kGroup, N - r0);
+  Saved s = sv;
+  s.F += r0 * kFeat, s.H3 += r0 * kH3, s.H4 += r0 * kH4, s.L += r0 * C;
+  dense_forward<Relu>(n, p, s.F, s.H3, s.H4, s.L);
+  const auto res = softmax_cross_entropy(s.L, y + r0, n, C, eps, N);
+  float* gk = k == 0 ? g : parts + (k - 1) * num_grads(C);
+  dense_backward<Relu>(n, p, s, carve_grads(gk, C), G4 + r0 * kH4, G3 + r0 * kH3,
+                       dF + r0 * kFeat);
+  return res;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -968,14 +958,53 @@ void sgd_update(const std::vector<torch::Tensor>& P, const float* g, const Sgd& 
 
 }  // namespace
 
+// The gradients of the mean loss into g: the conv prefix summed over chunks of `block`
+// images, the dense rest over groups of kGroup, each in order, so the bits never depend on
+// which thread ran what. Returns the mean loss and the number right.
 template <bool Relu, bool Max>
 std::pair<double, int64_t> step_impl(const Images& x, const int64_t* y, int64_t N,
                                      const Params& p, const Saved& sv, float* G3, float* G4,
                                      float* dF, float* g, float* parts, float eps, int block) {
-  conv_forward<Relu, Max>(x, N, p, sv.F, &sv, block);
-  const auto result = dense_step<Relu>(y, N, p, sv, G3, G4, dF, g, parts, eps);
-  conv_backward<Relu, Max>(x, N, dF, sv, p.w2, block, g);
-  return result;
+  const int64_t chunks = num_chunks(N, block), groups = num_groups(N);
+  std::vector<float> conv_parts((size_t)chunks * kConvGrads);
+  std::vector<std::pair<double, int64_t>> res(groups);
+  const auto dense = [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; k++)
+      res[k] = dense_group<Relu>(k, y, N, p, sv, G3, G4, dF, g, parts, eps);
+  };
+  if (kGroup % block == 0 && groups >= at::get_num_threads()) {
+    // Each thread takes whole groups through the forward, the loss and the backward without
+    // waiting for the others: one parallel region per step instead of three, so the threads'
+    // minute-to-minute difference in speed is waited out once, and a group's data is still
+    // in its thread's cache.
+    const int64_t per_group = kGroup / block;
+    at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
+      const int64_t c0 = k0 * per_group, c1 = std::min(k1 * per_group, chunks);
+      conv_forward_chunks<Relu, Max>(x, N, p, sv.F, &sv, block, c0, c1);
+      dense(k0, k1);
+      conv_backward_chunks<Relu, Max>(x, N, dF, sv, p.w2, block, c0, c1, conv_parts.data());
+    });
+  } else {  // more threads than groups, or chunks straddling groups: layer by layer
+    conv_forward<Relu, Max>(x, N, p, sv.F, &sv, block);
+    at::parallel_for(0, groups, 1, dense);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      conv_backward_chunks<Relu, Max>(x, N, dF, sv, p.w2, block, c0, c1, conv_parts.data());
+    });
+  }
+  std::memcpy(g, conv_parts.data(), kConvGrads * 4);
+  for (int64_t ch = 1; ch < chunks; ch++) {
+    const float* q = conv_parts.data() + ch * kConvGrads;
+    for (int k = 0; k < kConvGrads; k++) g[k] += q[k];
+  }
+  const int64_t total = num_grads(p.classes);
+  for (int64_t k = 1; k < groups; k++) {
+    const float* q = parts + (k - 1) * total;
+    for (int64_t i = kConvGrads; i < total; i++) g[i] += q[i];
+  }
+  double loss = 0;
+  int64_t right = 0;
+  for (const auto& [l, r] : res) loss += l, right += r;
+  return {loss / (double)N, right};
 }
 
 // One SGD step on (x, y); returns (mean loss, number right) from the forward before the
