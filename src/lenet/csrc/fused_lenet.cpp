@@ -117,32 +117,6 @@ inline float act_grad1(float a) {
   return Relu ? (a > 0.f ? 1.f : 0.f) : a * (1.f - a);
 }
 
-// Max pooling's choice in a 2x2 window given in torch's scan order, by torch's max_pool2d
-// rule: a value replaces the running maximum when greater, or when it is NaN. Without
-// branches: which value wins is data, and mispredicted branches cost more than the compares.
-struct Pick {
-  int k;    // index 0..3
-  float m;  // value
-};
-
-inline Pick max4(float v0, float v1, float v2, float v3) {
-  Pick p{0, v0};
-  const float v[3] = {v1, v2, v3};
-  for (int i = 0; i < 3; i++) {
-    const bool up = (v[i] > p.m) | (v[i] != v[i]);
-    p.k = up ? i + 1 : p.k;
-    p.m = up ? v[i] : p.m;
-  }
-  return p;
-}
-
-// A 2x2 window's pooled value: the mean (avg) or the maximum (max).
-template <bool Max>
-inline float pool4(float v0, float v1, float v2, float v3) {
-  if (!Max) return 0.25f * ((v0 + v1) + (v2 + v3));
-  return max4(v0, v1, v2, v3).m;
-}
-
 // Elementwise max that keeps a NaN from either side (max_ps alone returns its second operand
 // when either is NaN): a diverged run shows a NaN loss rather than a finite one.
 inline __m256 nanmax8(__m256 a, __m256 b) {
@@ -368,18 +342,28 @@ void conv2_forward(const float* w2, const float* p1, float* z) {
     }
 }
 
-// A 2x2 window's pooled value for 8 images: pool4's operations, lane by lane.
-template <bool Max>
-inline __m256 pool4v(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
-  if (!Max)
-    return _mm256_mul_ps(_mm256_set1_ps(0.25f),
-                         _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
-  __m256 m = v0;
-  for (const __m256 v : {v1, v2, v3}) {
-    const __m256 up = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    m = _mm256_blendv_ps(m, v, up);
+// The maximum of 8 2x2 windows side by side, their four values v given in torch's scan order,
+// by torch's max_pool2d rule: a value replaces the running maximum when greater, or when it is
+// NaN; `won` gets which of the four it was (0..3, as floats).
+inline __m256 max_scan(const __m256 v[4], __m256* won = nullptr) {
+  __m256 m = v[0], k = _mm256_setzero_ps();
+  for (int t = 1; t < 4; t++) {
+    const __m256 up = _mm256_or_ps(_mm256_cmp_ps(v[t], m, _CMP_GT_OQ),
+                                   _mm256_cmp_ps(v[t], v[t], _CMP_UNORD_Q));
+    m = _mm256_blendv_ps(m, v[t], up);
+    k = _mm256_blendv_ps(k, _mm256_set1_ps((float)t), up);
   }
+  if (won) *won = k;
   return m;
+}
+
+// 8 2x2 windows' pooled values: the mean (avg; each row's pair first, then the rows) or the
+// maximum (max).
+template <bool Max>
+inline __m256 pool4v(const __m256 v[4]) {
+  if (Max) return max_scan(v);
+  return _mm256_mul_ps(_mm256_set1_ps(0.25f),
+                       _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
 }
 
 // The four positions of pool2 window (i, j) in a channel's 10x10 lanes, in torch's scan order.
@@ -400,7 +384,7 @@ void conv2_epilogue(float* z2, const float* b2, float* a2_saved, float* fl) {
       for (int j = 0; j < 5; j++) {
         __m256 v[4];
         for (int t = 0; t < 4; t++) v[t] = _mm256_loadu_ps(a2 + window_at(c, i, j, t));
-        _mm256_storeu_ps(fl + (c * 25 + i * 5 + j) * kLanes, pool4v<Max>(v[0], v[1], v[2], v[3]));
+        _mm256_storeu_ps(fl + (c * 25 + i * 5 + j) * kLanes, pool4v<Max>(v));
       }
   }
 }
@@ -409,8 +393,9 @@ void conv2_epilogue(float* z2, const float* b2, float* a2_saved, float* fl) {
 int64_t groups_per_chunk(int64_t N, int block) {
   return (std::min<int64_t>(block, N) + kLanes - 1) / kLanes;
 }
+int64_t num_chunks(int64_t N, int block) { return (N + block - 1) / block; }
 int64_t lane_images(int64_t N, int block) {
-  return (N + block - 1) / block * groups_per_chunk(N, block) * kLanes;
+  return num_chunks(N, block) * groups_per_chunk(N, block) * kLanes;
 }
 
 // A thread's scratch for its chunks, the same buffers forward (values) and backward (their
@@ -426,8 +411,6 @@ struct ChunkScratch {
         conv2_lanes(scratch(4, (size_t)kA2 * kLanes)),
         feature_lanes(scratch(5, (size_t)kFeat * kLanes)) {}
 };
-
-int64_t num_chunks(int64_t N, int block) { return (N + block - 1) / block; }
 
 // Features F of the images of chunks [c0, c1); with `saved`, also what the backward needs.
 template <bool Relu, bool Max>
@@ -509,14 +492,8 @@ void pool2_act_backward(const float* dfl, const float* a2, float* dz2, __m256* d
           const __m256 gq = _mm256_mul_ps(quarter, g);
           for (int t = 0; t < 4; t++) d[t] = _mm256_mul_ps(gq, act_grad8<Relu>(a[t]));
         } else {
-          // pool4v's scan, remembering which position won.
-          __m256 m = a[0], k = _mm256_setzero_ps();
-          for (int t = 1; t < 4; t++) {
-            const __m256 up = _mm256_or_ps(_mm256_cmp_ps(a[t], m, _CMP_GT_OQ),
-                                           _mm256_cmp_ps(a[t], a[t], _CMP_UNORD_Q));
-            m = _mm256_blendv_ps(m, a[t], up);
-            k = _mm256_blendv_ps(k, _mm256_set1_ps((float)t), up);
-          }
+          __m256 k;
+          const __m256 m = max_scan(a, &k);
           const __m256 v = _mm256_mul_ps(g, act_grad8<Relu>(m));
           for (int t = 0; t < 4; t++)
             d[t] = _mm256_and_ps(_mm256_cmp_ps(k, _mm256_set1_ps((float)t), _CMP_EQ_OQ), v);
