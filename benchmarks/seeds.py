@@ -4,18 +4,19 @@ its own process, one after another, with its whole-process wall time.
     python benchmarks/seeds.py [--preset fast] [--seeds 0,1,2,3,4] [--epochs N] [--data DIR]
                                [--keep DIR]
 
-Prints a row per seed and the mean ± std (sample std) of the final test accuracy and of
+Prints a row per seed (with the peak RSS of the run's process tree, sampled as
+train_speed.py does) and the mean ± std (sample std) of the final test accuracy and of
 the wall seconds. Not part of the test suite.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from train_speed import run  # benchmarks/ is on sys.path when this file runs
 
 from lenet.runs import RunFolder, read_history
 from lenet.train import mean_examples_per_s
@@ -35,24 +36,22 @@ def main() -> None:
         accs, walls = [], []
         print(f"preset {a.preset}, seeds {a.seeds}"
               + (f", {a.epochs} epochs" if a.epochs else ""))
-        print(f"{'seed':>4} {'test acc':>8} {'best':>6} {'wall s':>7} {'examples/s':>10}")
+        print(f"{'seed':>4} {'test acc':>8} {'best':>6} {'wall s':>7} {'examples/s':>10} "
+              f"{'peak RSS':>9}")
         for seed in seeds:
             out = root / f"{a.preset}-seed{seed}"
-            t0 = time.perf_counter()
             epochs = ["--epochs", str(a.epochs)] if a.epochs else []
-            r = subprocess.run([sys.executable, "-m", "lenet", "train", "--preset", a.preset,
-                                "--seed", str(seed), "--data", a.data, "--out", str(out),
-                                "--no-progress", *epochs], capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if r.returncode != 0:
-                sys.exit(f"seed {seed} failed: {r.stderr.strip()[-500:]}")
+            _, wall, peak = run([sys.executable, "-m", "lenet", "train", "--preset", a.preset,
+                                 "--seed", str(seed), "--data", a.data, "--out", str(out),
+                                 "--no-progress", *epochs])  # exits with its stderr if it fails
             history = read_history(RunFolder(out))
             acc = history[-1].test_acc
             best = max(m.test_acc for m in history)
             rate = mean_examples_per_s(history)
             accs.append(acc)
             walls.append(wall)
-            print(f"{seed:>4} {acc:>8.4f} {best:>6.4f} {wall:>7.1f} {rate:>10,.0f}", flush=True)
+            print(f"{seed:>4} {acc:>8.4f} {best:>6.4f} {wall:>7.1f} {rate:>10,.0f} "
+                  f"{peak / 2**20:>7,.0f}MB", flush=True)
     sd = statistics.stdev if len(seeds) > 1 else (lambda _: 0.0)
     print(f"mean {statistics.mean(accs):.4f} ± {sd(accs):.4f} test acc; "
           f"wall {statistics.mean(walls):.1f} ± {sd(walls):.1f} s")
