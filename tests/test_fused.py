@@ -24,6 +24,7 @@ from lenet.data import sources
 from lenet.data.batches import Batches
 from lenet.errors import ConfigError
 from lenet.evaluate import evaluate
+from lenet.sgd import SGD
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 LR = 0.9  # the book preset's
@@ -386,9 +387,11 @@ def test_max_pooling_ties_send_the_gradient_to_the_first_maximum(kernel, act, la
     assert conv.weight.grad.abs().sum() > 0  # the ties did carry a gradient
 
 
-def test_momentum_state_is_torch_sgds_both_ways(kernel):
-    """state_dict() loads into torch.optim.SGD and continues as the kernel does; and the
-    kernel continues from torch's state: a checkpoint resumes on either engine."""
+@pytest.mark.parametrize("sgd", [torch.optim.SGD, SGD], ids=["torch.optim", "lenet.sgd"])
+def test_momentum_state_is_torch_sgds_both_ways(kernel, sgd):
+    """state_dict() loads into torch.optim.SGD (or lenet.sgd's, the CPU trainer's) and
+    continues as the kernel does; and the kernel continues from its state: a checkpoint
+    resumes on either engine."""
     opts = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)
     model = book(activation="relu", pooling="max")
     step = fused.FusedStep(model, 0.05, **opts)
@@ -396,7 +399,7 @@ def test_momentum_state_is_torch_sgds_both_ways(kernel):
     for i in range(3):
         step.step(*batch(64, seed=i))
     ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.05, **opts)
+    opt = sgd(ref.parameters(), lr=0.05, **opts)
     opt.load_state_dict(step.state_dict())
     x, y = batch(64, seed=9)
     step.step(x, y)

@@ -246,8 +246,9 @@ PRESETS: dict[str, RunConfig] = {
                                       label_smoothing=0.1)),
     # The most accurate under 100k parameters (61k) in under two minutes on 2 cores: three
     # 3x3 conv layers (16, 32, 64 channels), one dense layer of 64, random flips, 9 epochs
-    # (benchmarks/seeds.py: 9 epochs 0.9266 +- 0.0018 in 116 s, 10 epochs 0.9279 in 135 s,
-    # 8 epochs 0.9260 in 104 s but two seeds of five under 0.925).
+    # (benchmarks/seeds.py: 9 epochs 0.9268 +- 0.0008 in 61 s; on a slow day, an earlier
+    # release: 9 epochs 0.9266 in 116 s, 10 epochs 0.9279 in 135 s, 8 epochs 0.9260 in 104 s
+    # but two seeds of five under 0.925).
     "best": RunConfig(preset="best",
                       model=ModelSpec(convs=(ConvSpec(16, 3, 1), ConvSpec(32, 3, 1),
                                              ConvSpec(64, 3, 1)),
