@@ -14,15 +14,13 @@ Prints one line per epoch and, last, a JSON line in the format of book_loop.py:
   {"peer": "keras", "test_acc": .., "train_examples_per_s": .., "epoch_seconds": [..], ..}
 train_examples_per_s is over the training loop (`fit` for one epoch, data included).
 """
-import argparse
-import gzip
 import json
 import os
 import time
 
 T0 = time.time()
 
-import numpy as np  # noqa: E402 - after T0: the wall time counts imports, as book_loop.py
+import peer_data  # noqa: E402 - after T0: the wall time counts imports, as book_loop.py
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no start-up chatter on stderr
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -34,18 +32,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
-def read_idx(path):
-    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def split(root, prefix):
-    images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
-    return (images.astype(np.float32) / 255)[..., None], labels.astype(np.int64)
+    images, labels = peer_data.split(root, prefix)
+    return images[..., None], labels
 
 
 def lenet():
@@ -64,13 +53,7 @@ def lenet():
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.9)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=os.environ.get(
-        "LENET_DATA", "/usr/share/datasets/fashion-mnist"))
+    p = peer_data.parser()
     p.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
                    help="Keras's compile(jit_compile=...): XLA for the train step")
     a = p.parse_args()

@@ -1,12 +1,16 @@
 """Training speed, side by side in one run on one machine: the book's loop vs ours.
 
-    python benchmarks/train_speed.py [--epochs 10] [--only book,keras,ours,fast] [--data DIR]
-                                     [--keras-python PYTHON]
+    python benchmarks/train_speed.py [--epochs 10] [--only book,keras,lightning,ours,fast]
+                                     [--data DIR] [--keras-python PYTHON]
+                                     [--lightning-python PYTHON]
 
 Keras 3 on TensorFlow (benchmarks/keras_loop.py) runs under an interpreter that has them:
 --keras-python, else $LENET_KERAS_PYTHON, else this one if it can import tensorflow; where
 there is none it is left out with a note (tensorflow-cpu is a separate ~600 MB install,
 not a project dependency: `python -m venv kenv && kenv/bin/pip install tensorflow-cpu`).
+PyTorch Lightning (benchmarks/lightning_loop.py) likewise: --lightning-python, else
+$LENET_LIGHTNING_PYTHON, else this one if it can import lightning (`python -m venv lenv &&
+lenv/bin/pip install torch==2.13.0 lightning`: pin torch, or pip pulls a CUDA build).
 
 Each contender runs as its own process (so whole-process wall time and peak memory are
 fair); this script measures the machine's fp32 matrix-multiply rate in the same run to
@@ -114,14 +118,26 @@ def bench_book(epochs: int, data: str) -> dict:
                       data)
 
 
-def keras_python(given: str | None) -> str | None:
-    """An interpreter that can import tensorflow and keras, or None."""
-    for py in (given, os.environ.get("LENET_KERAS_PYTHON"), sys.executable):
-        if py and subprocess.run([py, "-c", "import tensorflow, keras"], capture_output=True,
+# Peers run by an interpreter of their own: (table label, script, modules it imports,
+# the option and environment variable that name the interpreter).
+PEERS = {
+    "keras": ("Keras 3 / TensorFlow (keras_loop.py)", "keras_loop.py", "tensorflow, keras",
+              "--keras-python", "LENET_KERAS_PYTHON"),
+    "lightning": ("PyTorch Lightning (lightning_loop.py)", "lightning_loop.py", "lightning",
+                  "--lightning-python", "LENET_LIGHTNING_PYTHON"),
+}
+
+
+def peer_python(peer: str, given: str | None) -> str | None:
+    """An interpreter that can import the peer's modules: the one given, else the one the
+    environment names, else this one; None when none can."""
+    _, _, modules, option, env_name = PEERS[peer]
+    for py in (given, os.environ.get(env_name), sys.executable):
+        if py and subprocess.run([py, "-c", f"import {modules}"], capture_output=True,
                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).returncode == 0:
             return py
         if py == given and given:
-            sys.exit(f"--keras-python {given}: cannot import tensorflow and keras there")
+            sys.exit(f"{option} {given}: cannot import {modules} there")
     return None
 
 
@@ -144,12 +160,15 @@ def bench_ours(epochs: int | None, data: str, preset: str, extra=(), env=None) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--only", default="book,keras,ours,fast",
-                   help="comma list of: book, keras, ours (the book preset), fast (the fast "
-                   "preset, its own epochs)")
+    p.add_argument("--only", default="book,keras,lightning,ours,fast",
+                   help="comma list of: book, keras, lightning, ours (the book preset), fast "
+                   "(the fast preset, its own epochs)")
     p.add_argument("--keras-python", default=None,
                    help="python with tensorflow and keras 3 (default: $LENET_KERAS_PYTHON, "
                    "else this one if it has them)")
+    p.add_argument("--lightning-python", default=None,
+                   help="python with lightning (default: $LENET_LIGHTNING_PYTHON, else this "
+                   "one if it has it)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: discovered)")
     a = p.parse_args()
 
@@ -180,35 +199,39 @@ def main() -> None:
     for name in a.only.split(","):
         if name == "book":
             results.append(bench_book(a.epochs, data))
-        elif name == "keras":
-            py = keras_python(a.keras_python)
+        elif name in PEERS:
+            label, script, modules, option, _ = PEERS[name]
+            py = peer_python(name, getattr(a, option[2:].replace("-", "_")))
             if py is None:
-                print("  left out: keras (no python with tensorflow here; see --keras-python)",
+                print(f"  left out: {name} (no python with {modules} here; see {option})",
                       flush=True)
                 continue
-            results.append(bench_peer("Keras 3 / TensorFlow (keras_loop.py)", py,
-                                      HERE / "keras_loop.py", a.epochs, data))
+            results.append(bench_peer(label, py, HERE / script, a.epochs, data))
         elif name == "ours":
             results.append(bench_ours(a.epochs, data, "book"))
         elif name == "fast":
             results.append(bench_ours(None, data, "fast"))
         else:
-            sys.exit(f"--only: unknown contender '{name}' (expected book, keras, ours, fast)")
+            sys.exit(f"--only: unknown contender '{name}' (expected book, keras, lightning, "
+                     "ours, fast)")
         print(f"  done: {results[-1]['name']}", flush=True)
 
-    book = next((r for r in results if r["name"].startswith("book's")), None)
-    keras = next((r for r in results if r["name"].startswith("Keras")), None)
-    head = (f"{'':<36} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
-            f"{'peak RSS':>9} {'% floor':>7} {'vs book':>7} {'vs keras':>8}")
+    # The ratio columns: ours (and each peer) against the book's loop and each other peer.
+    bases = [(head, next((r for r in results if r["name"].startswith(prefix)), None))
+             for head, prefix in [("vs book", "book's"), ("vs keras", "Keras"),
+                                  ("vs lightning", "PyTorch Lightning")]]
+    head = (f"{'':<37} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
+            f"{'peak RSS':>9} {'% floor':>7} " + " ".join(h for h, _ in bases))
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         # Ratios and the floor are for the book's network; another network does other work.
         same = r["book_recipe"]
-        ratio = f"{r['rate'] / book['rate']:.2f}x" if book and same else "-"
-        vs_keras = f"{r['rate'] / keras['rate']:.2f}x" if keras and same else "-"
+        ratios = " ".join(
+            (f"{r['rate'] / base['rate']:.2f}x" if base and same else "-").rjust(len(h))
+            for h, base in bases)
         share = f"{100 * r['rate'] / floor:.1f}%" if same else "-"
-        print(f"{r['name']:<36} {r['rate']:>10,.0f} {r['epoch_s']:>8.2f} {r['wall']:>7.1f} "
-              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {share:>7} {ratio:>7} {vs_keras:>8}")
+        print(f"{r['name']:<37} {r['rate']:>10,.0f} {r['epoch_s']:>8.2f} {r['wall']:>7.1f} "
+              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {share:>7} {ratios}")
 
 
 if __name__ == "__main__":
