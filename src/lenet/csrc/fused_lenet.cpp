@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -132,10 +133,13 @@ inline float hsum8(__m256 v) {
 
 // Per-thread scratch that lives across calls: re-allocating megabytes per step showed up as
 // page faults costing more than conv1 itself.
+// 64-byte aligned, so no 8-wide load of a lane group's pixel straddles two cache lines
+// (malloc's large blocks start 16 bytes into a page, which put every other one across).
 float* scratch(int which, size_t n) {
   thread_local std::vector<float> bufs[6];
-  if (bufs[which].size() < n) bufs[which].resize(n);
-  return bufs[which].data();
+  if (bufs[which].size() < n + 16) bufs[which].resize(n + 16);
+  const auto at = reinterpret_cast<uintptr_t>(bufs[which].data());
+  return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
 }
 
 // ---------------------------------------------------------------------------------------------
