@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from lenet import sgd
 from lenet.config import ConvSpec, ModelSpec, TrainSpec
 from lenet.errors import ConfigError, LenetError
 
@@ -367,23 +368,20 @@ class FusedStep:
             for i, buf in enumerate(self._split(self._momentum_buf, params)):
                 state[i] = {"momentum_buffer": buf.clone()}
         return {"state": state, "param_groups": [{
-            "lr": self.lr, "momentum": self.momentum, "dampening": 0,
-            "weight_decay": self.weight_decay, "nesterov": self.nesterov, "maximize": False,
-            "foreach": None, "differentiable": False, "fused": None,
+            **sgd.hyperparameters(self.lr, self.momentum, self.nesterov, self.weight_decay),
             "params": list(range(len(params)))}]}
 
     def load_state_dict(self, saved: dict) -> None:
         """Momentum buffers from a state_dict of this class or of torch.optim.SGD."""
         params = self._params()
-        state = saved.get("state", {})
-        bufs = [state.get(i, state.get(str(i), {})).get("momentum_buffer")
-                for i in range(len(params))]
-        if self.momentum == 0 or all(b is None for b in bufs):
+        bufs = sgd.saved_momentum_buffers(saved, params, "fused step")
+        if self.momentum == 0 or not bufs:
             self._momentum_buf = torch.empty(0)
             return
-        if any(b is None or b.shape != p.shape for b, p in zip(bufs, params, strict=True)):
-            raise ConfigError("fused step: the saved optimizer state does not fit this model")
-        self._momentum_buf = torch.cat([b.detach().reshape(-1).float() for b in bufs])
+        if len(bufs) != len(params):  # the kernel keeps all of them or none
+            raise ConfigError("fused step: the saved optimizer state does not fit this model "
+                              f"(momentum buffers for {len(bufs)} of {len(params)} parameters)")
+        self._momentum_buf = torch.cat([bufs[i].reshape(-1) for i in range(len(params))])
 
     def _call(self, x, y, *, update: bool, lr: float):
         # Positional: pybind11 matches 16 keywords in ~15 us, a few percent of a small step.

@@ -30,10 +30,8 @@ class SGD:
         if nesterov and momentum <= 0:
             raise ConfigError("sgd: Nesterov momentum needs momentum > 0")
         # One group in torch.optim.SGD's shape: the trainer sets "lr" before each step.
-        self.param_groups = [{
-            "params": params, "lr": float(lr), "momentum": float(momentum), "dampening": 0,
-            "weight_decay": float(weight_decay), "nesterov": bool(nesterov),
-            "maximize": False, "foreach": None, "differentiable": False, "fused": None}]
+        self.param_groups = [{"params": params, **hyperparameters(lr, momentum, nesterov,
+                                                                  weight_decay)}]
         # parameter index -> momentum buffer, created at a parameter's first update (as in
         # torch.optim.SGD, whose first step copies the gradient into it)
         self.momentum_buffers: dict[int, torch.Tensor] = {}
@@ -77,19 +75,32 @@ class SGD:
     def load_state_dict(self, saved: dict) -> None:
         """Momentum buffers from a state_dict of this class, torch.optim.SGD or FusedStep.
         The hyperparameters stay this optimizer's (the run's config sets them)."""
-        params = self.param_groups[0]["params"]
-        groups = saved.get("param_groups", [])
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
-            raise ConfigError("sgd: the saved optimizer state does not fit this model "
-                              f"(expected one group of {len(params)} parameters)")
-        buffers = {}
-        for key, entry in saved.get("state", {}).items():
-            buf = entry.get("momentum_buffer")
-            i = int(key)
-            if buf is None:
-                continue
-            if not 0 <= i < len(params) or buf.shape != params[i].shape:
-                raise ConfigError("sgd: the saved optimizer state does not fit this model "
-                                  f"(momentum buffer {i})")
-            buffers[i] = buf.detach().to(params[i].device, params[i].dtype).clone()
+        buffers = saved_momentum_buffers(saved, self.param_groups[0]["params"], "sgd")
         self.momentum_buffers = buffers if self.param_groups[0]["momentum"] != 0 else {}
+
+
+def hyperparameters(lr: float, momentum: float, nesterov: bool, weight_decay: float) -> dict:
+    """A param group's settings as torch.optim.SGD's state_dict holds them (dampening 0)."""
+    return {"lr": float(lr), "momentum": float(momentum), "dampening": 0,
+            "weight_decay": float(weight_decay), "nesterov": bool(nesterov), "maximize": False,
+            "foreach": None, "differentiable": False, "fused": None}
+
+
+def saved_momentum_buffers(saved: dict, params: list[torch.Tensor],
+                           who: str) -> dict[int, torch.Tensor]:
+    """The momentum buffers, by parameter index, of a state_dict in torch.optim.SGD's format
+    (saved by it, SGD or FusedStep), each checked against `params` and copied onto its device
+    and dtype; `who` starts the error line."""
+    unfit = f"{who}: the saved optimizer state does not fit this model"
+    groups = saved.get("param_groups", [])
+    if len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
+        raise ConfigError(f"{unfit} (expected one group of {len(params)} parameters)")
+    buffers = {}
+    for key, entry in saved.get("state", {}).items():
+        buf, i = entry.get("momentum_buffer"), int(key)
+        if buf is None:
+            continue
+        if not 0 <= i < len(params) or buf.shape != params[i].shape:
+            raise ConfigError(f"{unfit} (momentum buffer {i})")
+        buffers[i] = buf.detach().to(params[i].device, params[i].dtype).clone()
+    return buffers
