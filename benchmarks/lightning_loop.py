@@ -77,9 +77,7 @@ class Clock(L.Callback):
     def on_train_epoch_start(self, trainer, module):
         self.t = time.time()
 
-    def on_validation_epoch_start(self, trainer, module):
-        if trainer.sanity_checking or not hasattr(self, "t"):
-            return
+    def on_validation_epoch_start(self, trainer, module):  # no sanity check runs before fit
         self.loops.append(time.time() - self.t)
 
     def on_train_epoch_end(self, trainer, module):

@@ -118,21 +118,19 @@ def bench_book(epochs: int, data: str) -> dict:
                       data)
 
 
-# Peers run by an interpreter of their own: (table label, script, modules it imports,
-# the option and environment variable that name the interpreter).
+# Peers run by an interpreter of their own, named by --PEER-python or $LENET_PEER_PYTHON:
+# (table label, script, the modules it imports).
 PEERS = {
-    "keras": ("Keras 3 / TensorFlow (keras_loop.py)", "keras_loop.py", "tensorflow, keras",
-              "--keras-python", "LENET_KERAS_PYTHON"),
-    "lightning": ("PyTorch Lightning (lightning_loop.py)", "lightning_loop.py", "lightning",
-                  "--lightning-python", "LENET_LIGHTNING_PYTHON"),
+    "keras": ("Keras 3 / TensorFlow (keras_loop.py)", "keras_loop.py", "tensorflow, keras"),
+    "lightning": ("PyTorch Lightning (lightning_loop.py)", "lightning_loop.py", "lightning"),
 }
 
 
 def peer_python(peer: str, given: str | None) -> str | None:
     """An interpreter that can import the peer's modules: the one given, else the one the
     environment names, else this one; None when none can."""
-    _, _, modules, option, env_name = PEERS[peer]
-    for py in (given, os.environ.get(env_name), sys.executable):
+    modules, option = PEERS[peer][2], f"--{peer}-python"
+    for py in (given, os.environ.get(f"LENET_{peer.upper()}_PYTHON"), sys.executable):
         if py and subprocess.run([py, "-c", f"import {modules}"], capture_output=True,
                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).returncode == 0:
             return py
@@ -200,11 +198,11 @@ def main() -> None:
         if name == "book":
             results.append(bench_book(a.epochs, data))
         elif name in PEERS:
-            label, script, modules, option, _ = PEERS[name]
-            py = peer_python(name, getattr(a, option[2:].replace("-", "_")))
+            label, script, modules = PEERS[name]
+            py = peer_python(name, getattr(a, f"{name}_python"))
             if py is None:
-                print(f"  left out: {name} (no python with {modules} here; see {option})",
-                      flush=True)
+                print(f"  left out: {name} (no python with {modules} here; see "
+                      f"--{name}-python)", flush=True)
                 continue
             results.append(bench_peer(label, py, HERE / script, a.epochs, data))
         elif name == "ours":
@@ -214,12 +212,12 @@ def main() -> None:
         else:
             sys.exit(f"--only: unknown contender '{name}' (expected book, keras, lightning, "
                      "ours, fast)")
+        results[-1]["key"] = name
         print(f"  done: {results[-1]['name']}", flush=True)
 
     # The ratio columns: ours (and each peer) against the book's loop and each other peer.
-    bases = [(head, next((r for r in results if r["name"].startswith(prefix)), None))
-             for head, prefix in [("vs book", "book's"), ("vs keras", "Keras"),
-                                  ("vs lightning", "PyTorch Lightning")]]
+    by_key = {r["key"]: r for r in results}
+    bases = [(f"vs {key}", by_key.get(key)) for key in ("book", *PEERS)]
     head = (f"{'':<37} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
             f"{'peak RSS':>9} {'% floor':>7} " + " ".join(h for h, _ in bases))
     print("\n" + head + "\n" + "-" * len(head))
