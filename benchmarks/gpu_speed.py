@@ -2,16 +2,17 @@
 
     python benchmarks/gpu_speed.py [--data DIR] [--steps 400] [--only steps,runs]
 
-steps: per training step of 128 for the book recipe on the Triton kernels (lenet.triton_book)
-and on cuDNN (also with PyTorch's cuDNN defaults), and the fast and best recipes on cuDNN, on
-synthetic uint8 batches already on the GPU:
+steps: per training step of 128 for the book recipe on the Triton kernels (lenet.triton_book,
+spread over the GPU each of its two ways, lenet.triton_book.SPREADS) and on cuDNN (also with
+PyTorch's cuDNN defaults), and the fast and best recipes on cuDNN, on synthetic uint8
+batches already on the GPU:
   eager     the trainer's autograd engine (LENET_FUSED=0): forward, backward, optimizer
   graph     the "graph" engine: batch copied in, graph replayed, optimizer (torch.optim)
   replay    the graph replayed back to back with nothing else: the GPU's own time per step
 runs: whole `lenet train --preset P --device cuda` processes (imports, data, evaluation,
 plots and checkpoints included) for book (graph, and eager with LENET_FUSED=0), fast, best.
 profile: the book step's CUDA kernels by GPU time (torch.profiler), on the Triton kernels
-(profile-cudnn: on cuDNN).
+(profile-split: spread "split"; profile-cudnn: on cuDNN).
 compile: the book step with cuDNN in channels_last, and with torch.compile'd forward and
 backward (Inductor), in the graph.
 Prints tables; not part of the test suite. Needs a CUDA device.
@@ -55,7 +56,9 @@ def per_step_us(step, steps: int) -> float:
 
 
 def variants(preset: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool = False,
-             compile_model: bool = False, kernels: bool = False) -> dict:
+             compile_model: bool = False, kernels: str | None = None) -> dict:
+    """kernels: None for cuDNN, else the Triton kernels spread that way ("image",
+    "split")."""
     cfg = PRESETS[preset]
     smooth = cfg.train.label_smoothing
 
@@ -67,7 +70,7 @@ def variants(preset: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool 
         if kernels:
             from lenet.triton_book import BookForward
 
-            forward = BookForward(model)
+            forward = BookForward(model, kernels)
         return model, forward, make_optimizer(model, cfg.train)
 
     def eager():
@@ -109,16 +112,17 @@ def bench_steps(steps: int, rows: list[str]) -> None:
     y = torch.randint(0, 10, (BATCH,), generator=gen).cuda()
     def trainer():
         return numerics(torch.device("cuda"))
-    table = {  # label: (preset, cuDNN settings, channels_last, torch.compile, Triton kernels)
-        "book, Triton kernels": ("book", trainer, False, False, True),
-        "book, cuDNN": ("book", trainer, False, False, False),
-        "fast, cuDNN": ("fast", trainer, False, False, False),
-        "best, cuDNN": ("best", trainer, False, False, False),
+    table = {  # label: (preset, cuDNN settings, channels_last, torch.compile, Triton spread)
+        "book, Triton kernels": ("book", trainer, False, False, "image"),
+        "book, Triton kernels, split": ("book", trainer, False, False, "split"),
+        "book, cuDNN": ("book", trainer, False, False, None),
+        "fast, cuDNN": ("fast", trainer, False, False, None),
+        "best, cuDNN": ("best", trainer, False, False, None),
         "book, cuDNN with PyTorch's defaults (TF32, any algorithm)":
-            ("book", pytorch_defaults, False, False, False),
-        "book, cuDNN, channels_last": ("book", trainer, True, False, False),
+            ("book", pytorch_defaults, False, False, None),
+        "book, cuDNN, channels_last": ("book", trainer, True, False, None),
         "book, cuDNN, torch.compile (cold compile not counted)":
-            ("book", trainer, False, True, False),
+            ("book", trainer, False, True, None),
     }
     print(f"\nper step of {BATCH} (best of 3 x {steps} steps); cuDNN fp32 deterministic as "
           "the trainer runs it unless the row says otherwise")
@@ -136,7 +140,7 @@ def bench_steps(steps: int, rows: list[str]) -> None:
               flush=True)
 
 
-def profile(out: str | None, kernels: bool) -> None:
+def profile(out: str | None, kernels: str | None) -> None:
     """The CUDA kernels of the book's eager step (the graph replays the same kernels), on
     cuDNN or on the Triton kernels."""
     from torch.profiler import ProfilerActivity
@@ -160,7 +164,8 @@ def profile(out: str | None, kernels: bool) -> None:
     text = events.table(sort_by=key, row_limit=30, max_name_column_width=60)
     if out:
         Path(out).write_text(text)
-    print(f"\nbook eager step ({'Triton kernels' if kernels else 'cuDNN'}), 50 steps, by GPU "
+    print(f"\nbook eager step ({f'Triton kernels, spread {kernels}' if kernels else 'cuDNN'}), "
+          "50 steps, by GPU "
           "time:\n" + "\n".join(text.splitlines()[:24]))
 
 
@@ -182,8 +187,8 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist", help="data set name or IDX folder")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--only", default="steps,runs",
-                   help="steps (steps-book: its two book rows),runs (runs-book: book only),"
-                        "profile (Triton kernels),profile-cudnn,compile")
+                   help="steps (steps-book: its three book rows),runs (runs-book: book only),"
+                        "profile (Triton kernels),profile-split,profile-cudnn,compile")
     p.add_argument("--profile-out", help="write the whole profile table here")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -192,13 +197,16 @@ def main() -> None:
           f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     only = a.only.split(",")
     if "steps-book" in only:
-        bench_steps(a.steps, ["book, Triton kernels", "book, cuDNN"])
+        bench_steps(a.steps, ["book, Triton kernels", "book, Triton kernels, split",
+                              "book, cuDNN"])
     if "steps" in only:
-        bench_steps(a.steps, ["book, Triton kernels", "book, cuDNN", "fast, cuDNN",
-                              "best, cuDNN",
+        bench_steps(a.steps, ["book, Triton kernels", "book, Triton kernels, split",
+                              "book, cuDNN", "fast, cuDNN", "best, cuDNN",
                               "book, cuDNN with PyTorch's defaults (TF32, any algorithm)"])
-    if "profile" in only or "profile-cudnn" in only:
-        profile(a.profile_out, kernels="profile" in only)
+    for option, kernels in (("profile", "image"), ("profile-split", "split"),
+                            ("profile-cudnn", None)):
+        if option in only:
+            profile(a.profile_out, kernels)
     if "runs" in only or "runs-book" in only:
         bench_runs(a.data, book_only="runs-book" in only)
     if "compile" in only:

@@ -107,10 +107,11 @@ def kernels():
     return triton_book
 
 
-def test_forward_and_every_gradient_match_autograd_in_float64(kernels):
+@pytest.mark.parametrize("spread", ["image", "split"])
+def test_forward_and_every_gradient_match_autograd_in_float64(kernels, spread):
     """Logits and the ten parameter gradients of a batch of three (one of them all zeros,
     one saturated), against the same network in float64: no further from it than
-    PyTorch's own fp32."""
+    PyTorch's own fp32. For each way of spreading the work over the GPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = models.init_model(BOOK.model, 0).to(device)
     gen = torch.Generator().manual_seed(1)
@@ -118,7 +119,7 @@ def test_forward_and_every_gradient_match_autograd_in_float64(kernels):
     x[1] = 0
     x[2] = 1
     x, y = x.to(device), torch.tensor([3, 0, 9], device=device)
-    ours = kernels.BookForward(model)
+    ours = kernels.BookForward(model, spread)
     logits = ours(x)
     grads = torch.autograd.grad(F.cross_entropy(logits, y), ours.params)
     fp32 = torch.autograd.grad(F.cross_entropy(model(x), y), ours.params)
@@ -135,12 +136,21 @@ def test_forward_and_every_gradient_match_autograd_in_float64(kernels):
         assert ours_err <= max(2 * torch_err, 1e-6), (name, ours_err, torch_err)
 
 
+def test_the_spread_is_one_of_the_known_ways(kernels):
+    assert kernels.SPREAD in kernels.SPREADS == ("image", "split")
+    model = models.init_model(BOOK.model, 0)
+    assert kernels.BookForward(model).spread == kernels.SPREAD
+    with pytest.raises(ValueError, match=r"spread 'rows': expected one of \('image', 'split'\)"):
+        kernels.BookForward(model, "rows")
+
+
 @cuda
-def test_the_kernels_give_the_same_bits_every_time(kernels):
+@pytest.mark.parametrize("spread", ["image", "split"])
+def test_the_kernels_give_the_same_bits_every_time(kernels, spread):
     model = models.init_model(BOOK.model, 0).cuda()
     x = torch.rand(128, 1, 28, 28, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
-    ours = kernels.BookForward(model)
+    ours = kernels.BookForward(model, spread)
 
     def grads():
         return torch.autograd.grad(F.cross_entropy(ours(x), y), ours.params)

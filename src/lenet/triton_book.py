@@ -3,13 +3,14 @@
 On a GPU at batch 128, cuDNN and cuBLAS spend ~360 µs on a LeNet step. That is launch and
 latency, not arithmetic: ~60 kernels, one weight gradient alone a single 80 µs kernel
 (benchmarks/gpu_speed.py --only profile). Here the whole network is one autograd op, and
-each image is one Triton program that keeps its image's work together:
+each image is one Triton program that keeps its image's work together (SPREAD "image"):
 - forward: one kernel computes both convolutions with their sigmoid and pooling, and the
   three dense layers;
 - backward: one kernel computes every per-image gradient: the dense layers' deltas, and the
   convolutions' weight and bias gradients;
 - then three small kernels sum the per-image gradients over the batch, in image order.
-So the step is five kernels plus the loss's few, and it is deterministic.
+So the step is five kernels plus the loss's few, and it is deterministic. SPREAD "split"
+computes the same with each image's convolutions also spread over channels (see SPREADS).
 
 Activations are kept in padded per-image scratch buffers. The convolutions are computed
 in "pooled layout": [channel, cell of the 2x2 window, pooled position]. Pooling is then a
@@ -38,22 +39,15 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
-             s1_ptr, p1_ptr, s2_ptr, p2_ptr, h3_ptr, h4_ptr, out_ptr):
-    n = tl.program_id(0)
-    x_ptr += n * 784
-    s1_ptr += n * 8192
-    p1_ptr += n * 2048
-    s2_ptr += n * 2048
-    p2_ptr += n * 400
+def _conv1_forward(x_ptr, w1, b1, s1_ptr, p1_ptr, c0, C: tl.constexpr):
+    """conv1 (1 -> 6 channels, 5x5, padding 2, on 28x28), sigmoid and 2x2 average (-> 14x14)
+    for the C channels from c0 of one image (channels past 6 are padding)."""
     cell = tl.arange(0, 4)[None, :, None]
-
-    # conv1: 1 -> 6 channels, 5x5, padding 2, on 28x28; sigmoid; 2x2 average -> 14x14
-    c = tl.arange(0, 8)[:, None, None]
+    c = c0 + tl.arange(0, C)[:, None, None]
     q = tl.arange(0, 256)[None, None, :]
     oy = 2 * (q // 14) + cell // 2
     ox = 2 * (q % 14) + cell % 2
-    acc = tl.zeros((8, 4, 256), tl.float32)
+    acc = tl.zeros((C, 4, 256), tl.float32)
     for t in tl.static_range(25):  # (unrolled loops' names outlive them: each loop its own)
         iy1 = oy + t // 5 - 2
         ix1 = ox + t % 5 - 2
@@ -62,17 +56,21 @@ def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
         acc += tl.load(w1 + c * 25 + t, mask=c < 6, other=0.0) * x1
     a1 = _sigmoid(acc + tl.load(b1 + c, mask=c < 6, other=0.0))
     tl.store(s1_ptr + c * 1024 + cell * 256 + q, a1)
-    c2 = tl.arange(0, 8)[:, None]
+    c2 = c0 + tl.arange(0, C)[:, None]
     q2 = tl.arange(0, 256)[None, :]
     tl.store(p1_ptr + c2 * 256 + q2, tl.sum(a1, axis=1) * 0.25)
-    tl.debug_barrier()  # conv2 reads other threads' pooled values
 
-    # conv2: 6 -> 16 channels, 5x5, no padding, on 14x14; sigmoid; 2x2 average -> 5x5
-    co = tl.arange(0, 16)[:, None, None]
+
+@triton.jit
+def _conv2_forward(p1_ptr, w2, b2, s2_ptr, p2_ptr, co0, CO: tl.constexpr):
+    """conv2 (6 -> 16 channels, 5x5, no padding, on 14x14), sigmoid and 2x2 average (-> 5x5)
+    for the CO output channels from co0 of one image."""
+    cell = tl.arange(0, 4)[None, :, None]
+    co = co0 + tl.arange(0, CO)[:, None, None]
     q = tl.arange(0, 32)[None, None, :]
     oy = 2 * (q // 5) + cell // 2
     ox = 2 * (q % 5) + cell % 2
-    acc2 = tl.zeros((16, 4, 32), tl.float32)
+    acc2 = tl.zeros((CO, 4, 32), tl.float32)
     for ci in range(6):
         for t in tl.static_range(25):
             x2 = tl.load(p1_ptr + ci * 256 + (oy + t // 5) * 14 + ox + t % 5, mask=q < 25,
@@ -80,12 +78,15 @@ def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
             acc2 += tl.load(w2 + co * 150 + ci * 25 + t) * x2
     a2 = _sigmoid(acc2 + tl.load(b2 + co))
     tl.store(s2_ptr + co * 128 + cell * 32 + q, a2)
-    co2 = tl.arange(0, 16)[:, None]
+    co2 = co0 + tl.arange(0, CO)[:, None]
     q2 = tl.arange(0, 32)[None, :]
     tl.store(p2_ptr + co2 * 25 + q2, tl.sum(a2, axis=1) * 0.25, mask=q2 < 25)
-    tl.debug_barrier()  # the dense layer reads the flattened 400 values
 
-    # dense 400 -> 120, sigmoid; 120 -> 84, sigmoid; 84 -> 10
+
+@triton.jit
+def _dense_forward(n, p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr):
+    """Image n's dense layers from its flattened 400 values (p2_ptr offset to the image):
+    400 -> 120, sigmoid; 120 -> 84, sigmoid; 84 -> 10."""
     r = tl.arange(0, 128)
     acc3 = tl.zeros((128,), tl.float32)
     for k0 in range(0, 400, 128):
@@ -110,19 +111,47 @@ def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
 
 
 @triton.jit
-def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_ptr,
-              d3_ptr, d4_ptr, dp2_ptr, ds2_ptr, part_ptr):
+def _forward(x_ptr, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
+             s1_ptr, p1_ptr, s2_ptr, p2_ptr, h3_ptr, h4_ptr, out_ptr):
+    """SPREAD "image": the whole forward, one program per image."""
     n = tl.program_id(0)
-    x_ptr += n * 784
-    s1_ptr += n * 8192
-    p1_ptr += n * 2048
-    s2_ptr += n * 2048
-    dp2_ptr += n * 512
-    ds2_ptr += n * 2048
-    part_ptr += n * 2572
-    cell = tl.arange(0, 4)[None, :, None]
+    _conv1_forward(x_ptr + n * 784, w1, b1, s1_ptr + n * 8192, p1_ptr + n * 2048, 0, 8)
+    tl.debug_barrier()  # conv2 reads other threads' pooled values
+    _conv2_forward(p1_ptr + n * 2048, w2, b2, s2_ptr + n * 2048, p2_ptr + n * 400, 0, 16)
+    tl.debug_barrier()  # the dense layer reads the flattened 400 values
+    _dense_forward(n, p2_ptr + n * 400, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr)
 
-    # dense layers, from the loss's gradient g = dL/dlogits
+
+@triton.jit
+def _forward_conv1(x_ptr, w1, b1, s1_ptr, p1_ptr):
+    """SPREAD "split", first forward kernel: one program per image and pair of channels."""
+    n = tl.program_id(0)
+    _conv1_forward(x_ptr + n * 784, w1, b1, s1_ptr + n * 8192, p1_ptr + n * 2048,
+                   2 * tl.program_id(1), 2)
+
+
+@triton.jit
+def _forward_conv2(p1_ptr, w2, b2, s2_ptr, p2_ptr):
+    """SPREAD "split", second forward kernel: one program per image and four channels."""
+    n = tl.program_id(0)
+    _conv2_forward(p1_ptr + n * 2048, w2, b2, s2_ptr + n * 2048, p2_ptr + n * 400,
+                   4 * tl.program_id(1), 4)
+
+
+@triton.jit
+def _forward_dense(p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr):
+    """SPREAD "split", third forward kernel: one program per image."""
+    n = tl.program_id(0)
+    _dense_forward(n, p2_ptr + n * 400, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr)
+
+
+@triton.jit
+def _output_deltas(n, g_ptr, w3, w4, w5, s2_ptr, h3_ptr, h4_ptr, d3_ptr, d4_ptr, dp2_ptr,
+                   ds2_ptr, part_ptr):
+    """Image n's backward as far as conv2's output: the dense layers' deltas from the loss's
+    gradient g = dL/dlogits, then through the average pool and the sigmoid to conv2's output
+    gradient ds2 (stored as 16 10x10 maps, and returned in pooled layout), with conv2's bias
+    gradient. The per-image pointers are already offset to image n."""
     o = tl.arange(0, 16)
     j = tl.arange(0, 128)
     r = tl.arange(0, 128)
@@ -144,7 +173,7 @@ def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_p
         tl.store(dp2_ptr + i, tl.sum(w * d3[:, None], axis=0), mask=i < 400)
     tl.debug_barrier()
 
-    # conv2's output gradient, through the average pool and the sigmoid
+    cell = tl.arange(0, 4)[None, :, None]
     co = tl.arange(0, 16)[:, None, None]
     q = tl.arange(0, 32)[None, None, :]
     oy = 2 * (q // 5) + cell // 2
@@ -152,8 +181,52 @@ def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_p
     a2 = tl.load(s2_ptr + co * 128 + cell * 32 + q)
     ds2 = tl.load(dp2_ptr + co * 25 + q, mask=q < 25, other=0.0) * 0.25 * a2 * (1.0 - a2)
     tl.store(ds2_ptr + co * 128 + oy * 10 + ox, ds2, mask=q < 25)  # as a 10x10 map
+    tl.store(part_ptr + B2_AT + tl.arange(0, 16), tl.sum(tl.sum(ds2, axis=2), axis=1))
+    return ds2
+
+
+@triton.jit
+def _conv1_backward(x_ptr, s1_ptr, part_ptr, dp1, c0, C: tl.constexpr):
+    """conv1's output gradient for the C channels from c0 of one image (channels past 6 are
+    padding), from dp1 [C, 256], the gradient of their pooled 14x14 maps: back through the
+    average pool and the sigmoid, then the channels' weight and bias gradients."""
+    cell = tl.arange(0, 4)[None, :, None]
+    c = c0 + tl.arange(0, C)[:, None, None]
+    q = tl.arange(0, 256)[None, None, :]
+    a1 = tl.load(s1_ptr + c * 1024 + cell * 256 + q)
+    ds1 = tl.where((c < 6) & (q < 196), dp1[:, None, :] * 0.25 * a1 * (1.0 - a1), 0.0)
+    cs = c0 + tl.arange(0, C)
+    tl.store(part_ptr + B1_AT + cs, tl.sum(tl.sum(ds1, axis=2), axis=1), mask=cs < 6)
+    oy = 2 * (q // 14) + cell // 2
+    ox = 2 * (q % 14) + cell % 2
+    for t in tl.static_range(25):
+        iy1 = oy + t // 5 - 2
+        ix1 = ox + t % 5 - 2
+        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
+        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
+        tl.store(part_ptr + W1_AT + cs * 25 + t, tl.sum(tl.sum(ds1 * x1, axis=2), axis=1),
+                 mask=cs < 6)
+
+
+@triton.jit
+def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_ptr,
+              d3_ptr, d4_ptr, dp2_ptr, ds2_ptr, part_ptr):
+    n = tl.program_id(0)
+    x_ptr += n * 784
+    s1_ptr += n * 8192
+    p1_ptr += n * 2048
+    s2_ptr += n * 2048
+    dp2_ptr += n * 512
+    ds2_ptr += n * 2048
+    part_ptr += n * 2572
+    cell = tl.arange(0, 4)[None, :, None]
+
+    ds2 = _output_deltas(n, g_ptr, w3, w4, w5, s2_ptr, h3_ptr, h4_ptr, d3_ptr, d4_ptr,
+                         dp2_ptr, ds2_ptr, part_ptr)
+    q = tl.arange(0, 32)[None, None, :]
+    oy = 2 * (q // 5) + cell // 2
+    ox = 2 * (q % 5) + cell % 2
     c16 = tl.arange(0, 16)
-    tl.store(part_ptr + B2_AT + c16, tl.sum(tl.sum(ds2, axis=2), axis=1))
     for ci in range(6):
         for t in tl.static_range(25):
             x2 = tl.load(p1_ptr + ci * 256 + (oy + t // 5) * 14 + ox + t % 5, mask=q < 25,
@@ -176,22 +249,53 @@ def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_p
             d = tl.load(ds2_ptr + o2 * 128 + yy * 10 + xx, mask=ok, other=0.0)
             dp1 += tl.load(w2 + o2 * 150 + c * 25 + t, mask=c < 6, other=0.0) * d
 
-    # conv1's output gradient, then its weight and bias gradients
-    c = tl.arange(0, 8)[:, None, None]
-    q = tl.arange(0, 256)[None, None, :]
-    a1 = tl.load(s1_ptr + c * 1024 + cell * 256 + q)
-    ds1 = tl.where((c < 6) & (q < 196), dp1[:, None, :] * 0.25 * a1 * (1.0 - a1), 0.0)
-    c8 = tl.arange(0, 8)
-    tl.store(part_ptr + B1_AT + c8, tl.sum(tl.sum(ds1, axis=2), axis=1), mask=c8 < 6)
-    oy = 2 * (q // 14) + cell // 2
-    ox = 2 * (q % 14) + cell % 2
+    _conv1_backward(x_ptr, s1_ptr, part_ptr, dp1, 0, 8)
+
+
+@triton.jit
+def _backward_dense(g_ptr, w3, w4, w5, s2_ptr, h3_ptr, h4_ptr, d3_ptr, d4_ptr, dp2_ptr,
+                    ds2_ptr, part_ptr):
+    """SPREAD "split", first backward kernel: `_output_deltas`, one program per image."""
+    n = tl.program_id(0)
+    _output_deltas(n, g_ptr, w3, w4, w5, s2_ptr + n * 2048, h3_ptr, h4_ptr, d3_ptr, d4_ptr,
+                   dp2_ptr + n * 512, ds2_ptr + n * 2048, part_ptr + n * 2572)
+
+
+@triton.jit
+def _backward_conv(x_ptr, w2, s1_ptr, p1_ptr, ds2_ptr, part_ptr):
+    """SPREAD "split", second backward kernel: one program per image and input channel ci
+    of conv2 (so six per image): conv2's weight gradient from ci, conv2's input gradient on
+    ci's 14x14 map, and conv1's gradients for its channel ci."""
+    n = tl.program_id(0)
+    ci = tl.program_id(1)
+    x_ptr += n * 784
+    s1_ptr += n * 8192
+    p1_ptr += n * 2048 + ci * 256
+    ds2_ptr += n * 2048
+    part_ptr += n * 2572
+
+    # conv2's weight gradient w2[:, ci]: ds2 (16 channels x the 10x10 map) against ci's map
+    co = tl.arange(0, 16)
+    m = tl.arange(0, 128)[None, :]
+    ds2 = tl.load(ds2_ptr + co[:, None] * 128 + m, mask=m < 100, other=0.0)
     for t in tl.static_range(25):
-        iy1 = oy + t // 5 - 2
-        ix1 = ox + t % 5 - 2
-        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
-        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
-        tl.store(part_ptr + W1_AT + c8 * 25 + t, tl.sum(tl.sum(ds1 * x1, axis=2), axis=1),
-                 mask=c8 < 6)
+        x2 = tl.load(p1_ptr + (m // 10 + t // 5) * 14 + m % 10 + t % 5, mask=m < 100,
+                     other=0.0)
+        tl.store(part_ptr + W2_AT + co * 150 + ci * 25 + t, tl.sum(ds2 * x2, axis=1))
+
+    # conv2's input gradient on ci's 14x14 map: 25 taps over the 16 output channels at once
+    o2 = tl.arange(0, 16)[:, None]
+    q = tl.arange(0, 256)[None, :]
+    y = q // 14
+    x = q % 14
+    acc = tl.zeros((16, 256), tl.float32)
+    for t in tl.static_range(25):
+        yy = y - t // 5
+        xx = x - t % 5
+        ok = (q < 196) & (yy >= 0) & (yy < 10) & (xx >= 0) & (xx < 10)
+        d = tl.load(ds2_ptr + o2 * 128 + yy * 10 + xx, mask=ok, other=0.0)
+        acc += tl.load(w2 + o2 * 150 + ci * 25 + t) * d
+    _conv1_backward(x_ptr, s1_ptr, part_ptr, tl.sum(acc, axis=0)[None, :], ci, 1)
 
 
 @triton.jit
@@ -233,17 +337,37 @@ def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.con
 
 
 PROGRAM_WARPS = 8  # per image: 256 threads over tiles of up to 8x4x256
+SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to 16x256
+
+# How a step's work is spread over the GPU's programs (a batch of 128 is only 128 programs
+# for the 132 multiprocessors of an H100 or H200: one each, 8 warps of the 64 it can hold):
+#   "image"  one program per image: `_forward`, then `_backward`. Measured on an H200: the
+#            backward 100 µs and the forward 25 µs of a 176 µs step.
+#   "split"  the convolutions also over channels: forward `_forward_conv1` (3 programs per
+#            image), `_forward_conv2` (4), `_forward_dense` (1); backward `_backward_dense`
+#            (1), `_backward_conv` (6). More programs, each with less serial work, for two
+#            launches more. Checked against float64 like "image"; not yet timed on a GPU
+#            (`python benchmarks/gpu_speed.py --only steps-book,profile,profile-split`).
+SPREADS = ("image", "split")
+SPREAD = "image"
 
 
 class _BookLeNet(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5):
+    def forward(ctx, spread, x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5):
+        ctx.spread = spread
         n = x.shape[0]
         new = x.new_empty
         s1, p1, s2, p2 = new(n, S1), new(n, P1), new(n, S2), new(n, P2)
         h3, h4, logits = new(n, H), new(n, H), new(n, 10)
-        _forward[(n,)](x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
-                       s1, p1, s2, p2, h3, h4, logits, num_warps=PROGRAM_WARPS)
+        if spread == "split":
+            _forward_conv1[(n, 3)](x, w1, b1, s1, p1, num_warps=SPLIT_WARPS)
+            _forward_conv2[(n, 4)](p1, w2, b2, s2, p2, num_warps=SPLIT_WARPS)
+            _forward_dense[(n,)](p2, w3, b3, w4, b4, w5, b5, h3, h4, logits,
+                                 num_warps=PROGRAM_WARPS)
+        else:
+            _forward[(n,)](x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
+                           s1, p1, s2, p2, h3, h4, logits, num_warps=PROGRAM_WARPS)
         ctx.save_for_backward(x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4)
         return logits
 
@@ -254,8 +378,13 @@ class _BookLeNet(torch.autograd.Function):
         n = x.shape[0]
         new = x.new_empty
         d3, d4, dp2, ds2, part = new(n, H), new(n, H), new(n, DP2), new(n, S2), new(n, PARTS)
-        _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
-                        num_warps=PROGRAM_WARPS)
+        if ctx.spread == "split":
+            _backward_dense[(n,)](g, w3, w4, w5, s2, h3, h4, d3, d4, dp2, ds2, part,
+                                  num_warps=PROGRAM_WARPS)
+            _backward_conv[(n, 6)](x, w2, s1, p1, ds2, part, num_warps=SPLIT_WARPS)
+        else:
+            _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
+                            num_warps=PROGRAM_WARPS)
         conv = new(PARTS)
         # The batch size is a compile-time constant of these two (a batch of 128 and an
         # epoch's last, smaller batch: two compilations).
@@ -269,8 +398,8 @@ class _BookLeNet(torch.autograd.Function):
                 a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
             dense += [w, bias]
         w1, b1, w2, b2 = (k.value for k in (W1_AT, B1_AT, W2_AT, B2_AT))
-        return (None, conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2], conv[w2:b2].view(16, 6, 5, 5),
-                conv[b2:PARTS], *dense)
+        return (None, None, conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2],
+                conv[w2:b2].view(16, 6, 5, 5), conv[b2:PARTS], *dense)
 
 
 PARAM_SHAPES = ((6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,),
@@ -285,7 +414,8 @@ def self_check(device: torch.device, batch: int) -> str | None:
     try:
         params = [torch.zeros(shape, device=device, requires_grad=True)
                   for shape in PARAM_SHAPES]
-        logits = _BookLeNet.apply(torch.zeros(batch, 1, 28, 28, device=device), *params)
+        logits = _BookLeNet.apply(SPREAD, torch.zeros(batch, 1, 28, 28, device=device),
+                                  *params)
         torch.autograd.grad(logits.sum(), params)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -297,12 +427,16 @@ def self_check(device: torch.device, batch: int) -> str | None:
 
 class BookForward:
     """model(x) for the book's LeNet-5 (a `lenet.models.build` network with the `book`
-    preset's shapes, sigmoid and average pooling), through the Triton kernels."""
+    preset's shapes, sigmoid and average pooling), through the Triton kernels, with the
+    work spread over the GPU as `spread` says (one of SPREADS; SPREAD when None)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, spread: str | None = None):
+        self.spread = spread or SPREAD
+        if self.spread not in SPREADS:
+            raise ValueError(f"spread {self.spread!r}: expected one of {SPREADS}")
         self.params = [model.conv1.weight, model.conv1.bias, model.conv2.weight,
                        model.conv2.bias, model.fc1.weight, model.fc1.bias, model.fc2.weight,
                        model.fc2.bias, model.fc3.weight, model.fc3.bias]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _BookLeNet.apply(x.contiguous(), *self.params)
+        return _BookLeNet.apply(self.spread, x.contiguous(), *self.params)
