@@ -27,6 +27,7 @@ import triton.language as tl
 
 # Per-image floats of each scratch buffer (padded to powers of two where a tile reads it).
 S1, P1, S2, P2, H, DP2 = 8 * 4 * 256, 8 * 256, 16 * 4 * 32, 400, 128, 512
+E = 32 * 128  # per image and channel (SPREAD "split"): conv2's input gradient by tap
 # Per-image partial gradients of the convolutions, in the parameters' own order and layout
 # (constexpr: the only kind of global a Triton kernel may read).
 W1_AT, B1_AT, W2_AT, B2_AT = (tl.constexpr(k) for k in (0, 150, 156, 2556))
@@ -262,40 +263,66 @@ def _backward_dense(g_ptr, w3, w4, w5, s2_ptr, h3_ptr, h4_ptr, d3_ptr, d4_ptr, d
 
 
 @triton.jit
-def _backward_conv(x_ptr, w2, s1_ptr, p1_ptr, ds2_ptr, part_ptr):
+def _backward_conv(x_ptr, w2, s1_ptr, p1_ptr, ds2_ptr, e_ptr, part_ptr):
     """SPREAD "split", second backward kernel: one program per image and input channel ci
     of conv2 (so six per image): conv2's weight gradient from ci, conv2's input gradient on
-    ci's 14x14 map, and conv1's gradients for its channel ci."""
+    ci's 14x14 map, and conv1's gradients for its channel ci.
+
+    Laid out so that no sum runs across threads inside a loop: the two sums over conv2's 16
+    output channels are fp32 matrix products (`tl.dot`: each thread runs its own sums), and
+    the rest are each thread's own until one sum across the program at the end."""
     n = tl.program_id(0)
     ci = tl.program_id(1)
     x_ptr += n * 784
-    s1_ptr += n * 8192
+    s1_ptr += n * 8192 + ci * 1024
     p1_ptr += n * 2048 + ci * 256
     ds2_ptr += n * 2048
+    e_ptr += (n * 6 + ci) * 4096
     part_ptr += n * 2572
+    tap = tl.arange(0, 32)
+    t = tap[None, :]
+    ty = t // 5
+    tx = t % 5
+    co = tl.arange(0, 16)[:, None]
+    m = tl.arange(0, 128)[None, :]  # a position of the 10x10 map, y * 10 + x
+    ds2 = tl.load(ds2_ptr + co * 128 + m, mask=m < 100, other=0.0)
 
-    # conv2's weight gradient w2[:, ci]: ds2 (16 channels x the 10x10 map) against ci's map
-    co = tl.arange(0, 16)
-    m = tl.arange(0, 128)[None, :]
-    ds2 = tl.load(ds2_ptr + co[:, None] * 128 + m, mask=m < 100, other=0.0)
-    for t in tl.static_range(25):
-        x2 = tl.load(p1_ptr + (m // 10 + t // 5) * 14 + m % 10 + t % 5, mask=m < 100,
-                     other=0.0)
-        tl.store(part_ptr + W2_AT + co * 150 + ci * 25 + t, tl.sum(ds2 * x2, axis=1))
+    # conv2's weight gradient w2[:, ci]: ds2 [16 x 100] times ci's map under each tap [100 x 25]
+    mk = tl.arange(0, 128)[:, None]
+    x2 = tl.load(p1_ptr + (mk // 10 + ty) * 14 + mk % 10 + tx, mask=(mk < 100) & (t < 25),
+                 other=0.0)
+    tl.store(part_ptr + W2_AT + co * 150 + ci * 25 + t, tl.dot(ds2, x2, input_precision="ieee"),
+             mask=t < 25)
 
-    # conv2's input gradient on ci's 14x14 map: 25 taps over the 16 output channels at once
-    o2 = tl.arange(0, 16)[:, None]
-    q = tl.arange(0, 256)[None, :]
-    y = q // 14
-    x = q % 14
-    acc = tl.zeros((16, 256), tl.float32)
-    for t in tl.static_range(25):
-        yy = y - t // 5
-        xx = x - t % 5
-        ok = (q < 196) & (yy >= 0) & (yy < 10) & (xx >= 0) & (xx < 10)
-        d = tl.load(ds2_ptr + o2 * 128 + yy * 10 + xx, mask=ok, other=0.0)
-        acc += tl.load(w2 + o2 * 150 + ci * 25 + t) * d
-    _conv1_backward(x_ptr, s1_ptr, part_ptr, tl.sum(acc, axis=0)[None, :], ci, 1)
+    # conv2's input gradient on ci's 14x14 map: first e[tap, m] = the sum over the 16 output
+    # channels of w2[:, ci, tap] * ds2[:, m] [25 x 16 times 16 x 100], then each position's
+    # sum of the 25 taps that reach it, e[tap, position - tap]
+    k = tl.arange(0, 32)[:, None]
+    w = tl.load(w2 + tl.arange(0, 16)[None, :] * 150 + ci * 25 + k, mask=k < 25, other=0.0)
+    tl.store(e_ptr + k * 128 + m, tl.dot(w, ds2, input_precision="ieee"))
+    tl.debug_barrier()  # the sums below read other threads' e
+
+    # conv1's output gradient for channel ci (through the pool and the sigmoid), and its
+    # weight gradient (the 25 taps across the tile), half the 14x14 map at a time
+    dw1 = tl.zeros((128, 32), tl.float32)
+    db1 = tl.zeros((128, 1), tl.float32)
+    for half in range(2):
+        q = half * 128 + tl.arange(0, 128)[:, None]
+        yy = q // 14 - ty
+        xx = q % 14 - tx
+        ok = (q < 196) & (t < 25) & (yy >= 0) & (yy < 10) & (xx >= 0) & (xx < 10)
+        dp1 = tl.sum(tl.load(e_ptr + t * 128 + yy * 10 + xx, mask=ok, other=0.0), axis=1)
+        dp1 = dp1[:, None]
+        for cell in range(4):
+            a1 = tl.load(s1_ptr + cell * 256 + q)
+            ds1 = tl.where(q < 196, dp1 * 0.25 * a1 * (1.0 - a1), 0.0)
+            iy1 = 2 * (q // 14) + cell // 2 + ty - 2
+            ix1 = 2 * (q % 14) + cell % 2 + tx - 2
+            ok1 = (q < 196) & (t < 25) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
+            dw1 += ds1 * tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
+            db1 += ds1
+    tl.store(part_ptr + W1_AT + ci * 25 + tap, tl.sum(dw1, axis=0), mask=tap < 25)
+    tl.store(part_ptr + B1_AT + ci, tl.sum(tl.sum(db1, axis=1), axis=0))
 
 
 @triton.jit
@@ -346,7 +373,9 @@ SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to
 #   "split"  the convolutions also over channels: forward `_forward_conv1` (3 programs per
 #            image), `_forward_conv2` (4), `_forward_dense` (1); backward `_backward_dense`
 #            (1), `_backward_conv` (6). More programs, each with less serial work, for two
-#            launches more. Checked against float64 like "image"; not yet timed on a GPU
+#            launches more; and `_backward_conv` sums within threads (matrix products) where
+#            `_backward` sums across them (benchmarks/triton_resources.py compares their
+#            code without a GPU). Checked against float64 like "image"; not yet timed on a GPU
 #            (`python benchmarks/gpu_speed.py --only steps-book,profile,profile-split`).
 SPREADS = ("image", "split")
 SPREAD = "image"
@@ -381,7 +410,8 @@ class _BookLeNet(torch.autograd.Function):
         if ctx.spread == "split":
             _backward_dense[(n,)](g, w3, w4, w5, s2, h3, h4, d3, d4, dp2, ds2, part,
                                   num_warps=PROGRAM_WARPS)
-            _backward_conv[(n, 6)](x, w2, s1, p1, ds2, part, num_warps=SPLIT_WARPS)
+            e = new(n, 6, E)
+            _backward_conv[(n, 6)](x, w2, s1, p1, ds2, e, part, num_warps=SPLIT_WARPS)
         else:
             _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
                             num_warps=PROGRAM_WARPS)

@@ -1,0 +1,91 @@
+"""What lenet.triton_book's kernels cost a Hopper GPU, read without one: each kernel compiled
+for sm_90 (H100, H200) by Triton's own compiler and ptxas, then its registers per thread,
+spilled bytes, shared memory, and its machine code's instruction mix (cuobjdump).
+
+    python benchmarks/triton_resources.py [KERNEL ...]
+
+Registers bound how many warps a multiprocessor holds (65,536 registers: 8 warps at 255
+registers, 16 at 128); a STACK above 0 is registers spilled to local memory; SHFL and BAR
+count the cross-thread reductions' shuffles and barriers. Counts are of the code, not of its
+execution: a loop Triton did not unroll counts once. Not timings: a GPU measures those
+(benchmarks/gpu_speed.py). Runs on a CPU with the triton package alone.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lenet import triton_book as k
+
+# kernel: warps it launches with (as _BookLeNet does)
+KERNELS = {
+    "_forward": k.PROGRAM_WARPS,
+    "_backward": k.PROGRAM_WARPS,
+    "_forward_conv1": k.SPLIT_WARPS,
+    "_forward_conv2": k.SPLIT_WARPS,
+    "_forward_dense": k.PROGRAM_WARPS,
+    "_backward_dense": k.PROGRAM_WARPS,
+    "_backward_conv": k.SPLIT_WARPS,
+}
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+COUNTED = ("FFMA", "LDG", "STG", "LDS", "STS", "SHFL", "BAR")
+
+
+def compile_for_hopper(fn, warps: int) -> tuple[bytes, int]:
+    """A @triton.jit kernel whose arguments are all float pointers, compiled for sm_90:
+    (its cubin, its shared memory in bytes)."""
+    signature = {arg: "*fp32" for arg in fn.arg_names}  # every argument is a float pointer
+    # 16-byte aligned, as Triton specializes a kernel for torch's (256-byte aligned) tensors
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(fn.arg_names))}
+    compiled = triton.compile(ASTSource(fn, signature, {}, aligned),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([TOOLS / "cuobjdump", "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    ops = [line.split("*/", 1)[1].split(";")[0].split() for line in sass.splitlines()
+           if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    opcodes = [op[1] if op and op[0].startswith("@") else op[0] for op in ops if op]
+    counts = {name: sum(o.split(".")[0] == name for o in opcodes) for name in COUNTED}
+    return {"regs": int(found["REG"]), "stack": int(found["STACK"]),
+            "instructions": len(opcodes), **counts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kernels", nargs="*", metavar="KERNEL",
+                   help=f"kernels to compile (default: all of {', '.join(KERNELS)})")
+    a = p.parse_args()
+    unknown = [name for name in a.kernels if name not in KERNELS]
+    if unknown:
+        p.error(f"no kernel {unknown[0]!r}: expected one of {', '.join(KERNELS)}")
+    print(f"Triton {triton.__version__}, sm_90")
+    print("| kernel | warps | regs | stack B | shared B | instructions | "
+          + " | ".join(COUNTED) + " |")
+    print("|---|" + "---|" * (5 + len(COUNTED)))
+    for name in a.kernels or KERNELS:
+        warps = KERNELS[name]
+        cubin, shared = compile_for_hopper(getattr(k, name), warps)
+        r = resources(cubin)
+        print(f"| {name} | {warps} | {r['regs']} | {r['stack']} | {shared} | "
+              f"{r['instructions']} | " + " | ".join(str(r[c]) for c in COUNTED) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
