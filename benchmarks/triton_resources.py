@@ -24,27 +24,35 @@ from triton.compiler import ASTSource
 
 from lenet import triton_book as k
 
-# kernel: warps it launches with (as _BookLeNet does)
+# kernel: (warps it launches with, as _BookLeNet does; its arguments that are not float
+# pointers: an integer's type, or a compile-time constant's value at a batch of 128)
 KERNELS = {
-    "_forward": k.PROGRAM_WARPS,
-    "_backward": k.PROGRAM_WARPS,
-    "_forward_conv1": k.SPLIT_WARPS,
-    "_forward_conv2": k.SPLIT_WARPS,
-    "_forward_dense": k.PROGRAM_WARPS,
-    "_backward_dense": k.PROGRAM_WARPS,
-    "_backward_conv": k.SPLIT_WARPS,
+    "_forward": (k.PROGRAM_WARPS, {}),
+    "_backward": (k.PROGRAM_WARPS, {}),
+    "_forward_conv1": (k.SPLIT_WARPS, {}),
+    "_forward_conv2": (k.SPLIT_WARPS, {}),
+    "_forward_dense": (k.PROGRAM_WARPS, {}),
+    "_backward_dense": (k.PROGRAM_WARPS, {}),
+    "_backward_conv": (k.SPLIT_WARPS, {}),
+    "_sum_images": (4, {"IMAGES": 128, "width": "i32", "BLOCK": 64, "BN": 32}),
+    "_outer_sum": (4, {"a_stride": "i32", "b_stride": "i32", "IMAGES": 128, "rows": "i32",
+                       "cols": "i32", "BR": 32, "BC": 32, "BN": 32}),
 }
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 COUNTED = ("FFMA", "LDG", "STG", "LDS", "STS", "SHFL", "BAR")
 
 
-def compile_for_hopper(fn, warps: int) -> tuple[bytes, int]:
-    """A @triton.jit kernel whose arguments are all float pointers, compiled for sm_90:
-    (its cubin, its shared memory in bytes)."""
-    signature = {arg: "*fp32" for arg in fn.arg_names}  # every argument is a float pointer
+def compile_for_hopper(fn, warps: int, args: dict | None = None) -> tuple[bytes, int]:
+    """A @triton.jit kernel compiled for sm_90: (its cubin, its shared memory in bytes).
+    `args` gives the arguments that are not float pointers (as in KERNELS)."""
+    args = args or {}
+    signature = {a: args[a] if isinstance(args.get(a), str) else
+                 "constexpr" if a in args else "*fp32" for a in fn.arg_names}
+    constants = {a: v for a, v in args.items() if not isinstance(v, str)}
     # 16-byte aligned, as Triton specializes a kernel for torch's (256-byte aligned) tensors
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(fn.arg_names))}
-    compiled = triton.compile(ASTSource(fn, signature, {}, aligned),
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+               if signature[a] == "*fp32"}
+    compiled = triton.compile(ASTSource(fn, signature, constants, aligned),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     return compiled.asm["cubin"], compiled.metadata.shared
 
@@ -79,8 +87,8 @@ def main() -> None:
           + " | ".join(COUNTED) + " |")
     print("|---|" + "---|" * (5 + len(COUNTED)))
     for name in a.kernels or KERNELS:
-        warps = KERNELS[name]
-        cubin, shared = compile_for_hopper(getattr(k, name), warps)
+        warps, args = KERNELS[name]
+        cubin, shared = compile_for_hopper(getattr(k, name), warps, args)
         r = resources(cubin)
         print(f"| {name} | {warps} | {r['regs']} | {r['stack']} | {shared} | "
               f"{r['instructions']} | " + " | ".join(str(r[c]) for c in COUNTED) + " |",

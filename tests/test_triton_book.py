@@ -7,8 +7,11 @@ compile them for the GPU and train with them (the lent device machine).
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +145,25 @@ def test_the_spread_is_one_of_the_known_ways(kernels):
     assert kernels.BookForward(model).spread == kernels.SPREAD
     with pytest.raises(ValueError, match=r"spread 'rows': expected one of \('image', 'split'\)"):
         kernels.BookForward(model, "rows")
+
+
+def test_every_kernel_compiles_for_hopper_without_spilling(kernels):
+    """Each kernel through Triton's GPU compiler and ptxas for sm_90 (H100, H200), without a
+    GPU (benchmarks/triton_resources.py, in a process of its own: this one interprets):
+    what the interpreter cannot show, a construct only the GPU compiler rejects, or
+    registers spilled to memory."""
+    source = Path(kernels.__file__).read_text()
+    launched = set(re.findall(r"\b(_\w+)\[\(", source))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_resources.py")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in out.stdout.splitlines() if line.startswith("| _")]
+    assert {row[0] for row in rows} == launched and len(launched) == 9
+    for name, _, regs, stack, *_ in rows:
+        assert int(stack) == 0 and int(regs) <= 255, (name, regs, stack)
 
 
 @cuda
