@@ -12,7 +12,8 @@
 #    kernels by GPU time (profile, profile-split).
 # 3. With DATA_DIR (a folder of Fashion-MNIST's IDX files, carried along: copy them into an
 #    ignored folder of the checkout, say .gpudata, and name it in the run's carry), whole
-#    `lenet train --preset book --device cuda` processes (--only runs-book).
+#    `lenet train --preset book --device cuda` processes: the default, spread "split"
+#    (LENET_TRITON_SPREAD=split) and eager (--only runs-book).
 # Logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_session.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -10,7 +10,8 @@ batches already on the GPU:
   graph     the "graph" engine: batch copied in, graph replayed, optimizer (torch.optim)
   replay    the graph replayed back to back with nothing else: the GPU's own time per step
 runs: whole `lenet train --preset P --device cuda` processes (imports, data, evaluation,
-plots and checkpoints included) for book (graph, and eager with LENET_FUSED=0), fast, best.
+plots and checkpoints included) for book (graph, the Triton kernels spread "split" with
+LENET_TRITON_SPREAD=split, and eager with LENET_FUSED=0), fast, best.
 profile: the book step's CUDA kernels by GPU time (torch.profiler), on the Triton kernels
 (profile-split: spread "split"; profile-cudnn: on cuDNN).
 compile: the book step with cuDNN in channels_last, and with torch.compile'd forward and
@@ -173,11 +174,14 @@ def bench_runs(data: str, book_only: bool = False) -> None:
     print("\nwhole runs: lenet train --preset P --device cuda (own process each)")
     print("| run | steady examples/s | s/epoch | whole process s | test acc |")
     print("|---|---|---|---|---|")
-    runs = [("book", False), ("book", True), ("fast", False), ("best", False)]
-    for preset, eager in runs[:2] if book_only else runs:
-        env = {**os.environ, "LENET_FUSED": "0"} if eager else None
-        r = bench_ours(None, data, preset, extra=["--device", "cuda"], env=env)
-        name = r["name"] + (" (LENET_FUSED=0: eager)" if eager else " (the engine it picks)")
+    runs = [("book", {}, "the engine it picks"),
+            ("book", {"LENET_TRITON_SPREAD": "split"}, "Triton kernels spread \"split\""),
+            ("book", {"LENET_FUSED": "0"}, "LENET_FUSED=0: eager"),
+            ("fast", {}, "the engine it picks"), ("best", {}, "the engine it picks")]
+    for preset, env, label in runs[:3] if book_only else runs:
+        r = bench_ours(None, data, preset, extra=["--device", "cuda"],
+                       env={**os.environ, **env} if env else None)
+        name = f"{r['name']} ({label})"
         print(f"| {name} | {r['rate']:,.0f} | {r['epoch_s']:.2f} | {r['wall']:.1f} | "
               f"{r['acc']:.4f} |", flush=True)
 

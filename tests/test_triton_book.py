@@ -139,12 +139,31 @@ def test_forward_and_every_gradient_match_autograd_in_float64(kernels, spread):
         assert ours_err <= max(2 * torch_err, 1e-6), (name, ours_err, torch_err)
 
 
-def test_the_spread_is_one_of_the_known_ways(kernels):
+def test_the_spread_is_one_of_the_known_ways(kernels, monkeypatch):
+    from lenet.errors import ConfigError
+
     assert kernels.SPREAD in kernels.SPREADS == ("image", "split")
     model = models.init_model(BOOK.model, 0)
-    assert kernels.BookForward(model).spread == kernels.SPREAD
-    with pytest.raises(ValueError, match=r"spread 'rows': expected one of \('image', 'split'\)"):
+    monkeypatch.delenv("LENET_TRITON_SPREAD", raising=False)
+    assert kernels.BookForward(model).spread == kernels.SPREAD == "image"
+    with pytest.raises(ConfigError, match=r"^spread='rows': expected one of image, split$"):
         kernels.BookForward(model, "rows")
+    monkeypatch.setenv("LENET_TRITON_SPREAD", "split")
+    assert kernels.BookForward(model).spread == "split"
+    assert kernels.BookForward(model, "image").spread == "image"  # the argument wins
+
+
+def test_a_bad_spread_in_the_environment_is_one_line_not_a_fallback(kernels, monkeypatch):
+    """On a GPU, $LENET_TRITON_SPREAD=typo stops before training with the variable named,
+    instead of reading as a GPU the kernels cannot run on."""
+    from lenet.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("LENET_TRITON_SPREAD", "spilt")
+    with pytest.raises(ConfigError, match=r"^LENET_TRITON_SPREAD='spilt': expected one of "
+                                          r"image, split$"):
+        pick_engine(BOOK.model, BOOK.train, torch.device("cuda"))
 
 
 def test_every_kernel_compiles_for_hopper_without_spilling(kernels):

@@ -21,9 +21,13 @@ the same kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from lenet.errors import ConfigError
 
 # Per-image floats of each scratch buffer (padded to powers of two where a tile reads it).
 S1, P1, S2, P2, H, DP2 = 8 * 4 * 256, 8 * 256, 16 * 4 * 32, 400, 128, 512
@@ -381,6 +385,17 @@ SPREADS = ("image", "split")
 SPREAD = "image"
 
 
+def chosen_spread(spread: str | None = None) -> str:
+    """`spread`, else $LENET_TRITON_SPREAD (to time whole runs either way), else SPREAD."""
+    name, said = ((spread, "spread") if spread else
+                  (os.environ.get("LENET_TRITON_SPREAD", "").strip(), "LENET_TRITON_SPREAD"))
+    if not name:
+        return SPREAD
+    if name not in SPREADS:
+        raise ConfigError(f"{said}={name!r}: expected one of {', '.join(SPREADS)}")
+    return name
+
+
 class _BookLeNet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spread, x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5):
@@ -441,10 +456,11 @@ def self_check(device: torch.device, batch: int) -> str | None:
     zero images (compiling them, as the first training step would: seconds the first time on
     a machine, then Triton's disk cache). Else why not, in one line: a GPU or a tool chain
     that Triton cannot build for (it needs a C compiler, for one)."""
+    spread = chosen_spread()  # a bad $LENET_TRITON_SPREAD is the user's error, not the GPU's
     try:
         params = [torch.zeros(shape, device=device, requires_grad=True)
                   for shape in PARAM_SHAPES]
-        logits = _BookLeNet.apply(SPREAD, torch.zeros(batch, 1, 28, 28, device=device),
+        logits = _BookLeNet.apply(spread, torch.zeros(batch, 1, 28, 28, device=device),
                                   *params)
         torch.autograd.grad(logits.sum(), params)
         if device.type == "cuda":
@@ -458,12 +474,10 @@ def self_check(device: torch.device, batch: int) -> str | None:
 class BookForward:
     """model(x) for the book's LeNet-5 (a `lenet.models.build` network with the `book`
     preset's shapes, sigmoid and average pooling), through the Triton kernels, with the
-    work spread over the GPU as `spread` says (one of SPREADS; SPREAD when None)."""
+    work spread over the GPU as `spread` says (one of SPREADS; `chosen_spread` when None)."""
 
     def __init__(self, model: torch.nn.Module, spread: str | None = None):
-        self.spread = spread or SPREAD
-        if self.spread not in SPREADS:
-            raise ValueError(f"spread {self.spread!r}: expected one of {SPREADS}")
+        self.spread = chosen_spread(spread)
         self.params = [model.conv1.weight, model.conv1.bias, model.conv2.weight,
                        model.conv2.bias, model.fc1.weight, model.fc1.bias, model.fc2.weight,
                        model.fc2.bias, model.fc3.weight, model.fc3.bias]
