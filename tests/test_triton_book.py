@@ -220,11 +220,14 @@ def _fit(engine, spec):
 
 
 @cuda
-def test_training_on_the_kernels_follows_cudnn(kernels):
+@pytest.mark.parametrize("spread", ["image", "split"])
+def test_training_on_the_kernels_follows_cudnn(kernels, spread, monkeypatch):
     """Three epochs of the book recipe (lr 0.9), Triton kernels vs cuDNN, both in the graph."""
+    monkeypatch.setenv("LENET_TRITON_SPREAD", spread)
     spec = replace(BOOK.train, epochs=3, batch_size=64)
     with numerics(torch.device("cuda")):
         ours, theirs = _fit("triton", spec), _fit("graph", spec)
+    assert ours.step_model.spread == spread
     for a, b in zip(ours.history, theirs.history, strict=True):
         assert (a.train_loss, a.test_loss) == pytest.approx((b.train_loss, b.test_loss),
                                                             rel=1e-3)
