@@ -37,6 +37,7 @@ KERNELS = {
     "_sum_images": (4, {"IMAGES": 128, "width": "i32", "BLOCK": 64, "BN": 32}),
     "_outer_sum": (4, {"a_stride": "i32", "b_stride": "i32", "IMAGES": 128, "rows": "i32",
                        "cols": "i32", "BR": 32, "BC": 32, "BN": 32}),
+    "_batch_sums": (4, {"IMAGES": 128}),
 }
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 COUNTED = ("FFMA", "LDG", "STG", "LDS", "STS", "SHFL", "BAR")

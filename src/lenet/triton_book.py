@@ -8,9 +8,10 @@ each image is one Triton program that keeps its image's work together (SPREAD "i
   three dense layers;
 - backward: one kernel computes every per-image gradient: the dense layers' deltas, and the
   convolutions' weight and bias gradients;
-- then three small kernels sum the per-image gradients over the batch, in image order.
-So the step is five kernels plus the loss's few, and it is deterministic. SPREAD "split"
-computes the same with each image's convolutions also spread over channels (see SPREADS).
+- then four small launches sum the per-image gradients over the batch, in image order.
+So the step is six kernels plus the loss's few, and it is deterministic. SPREAD "split"
+computes the same with each image's convolutions also spread over channels, and the sums
+in one launch (see SPREADS).
 
 Activations are kept in padded per-image scratch buffers. The convolutions are computed
 in "pooled layout": [channel, cell of the 2x2 window, pooled position]. Pooling is then a
@@ -330,10 +331,11 @@ def _backward_conv(x_ptr, w2, s1_ptr, p1_ptr, ds2_ptr, e_ptr, part_ptr):
 
 
 @triton.jit
-def _sum_images(part_ptr, out_ptr, IMAGES: tl.constexpr, width, BLOCK: tl.constexpr,
-                BN: tl.constexpr):
-    """out[k] = sum over images of part[image, k], BN images at a time (a fixed order)."""
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _sum_block(part_ptr, out_ptr, pid, IMAGES: tl.constexpr, width, BLOCK: tl.constexpr,
+               BN: tl.constexpr):
+    """out[k] = sum over images of part[image, k] for block `pid` of BLOCK k's, BN images at a
+    time (a fixed order)."""
+    k = pid * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for n0 in range(0, IMAGES, BN):
         n = n0 + tl.arange(0, BN)
@@ -344,13 +346,13 @@ def _sum_images(part_ptr, out_ptr, IMAGES: tl.constexpr, width, BLOCK: tl.conste
 
 
 @triton.jit
-def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.constexpr, rows,
-               cols, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
-    """w[i, j] = sum over images of a[image, i] * b[image, j] (a dense layer's weight
-    gradient: a^T b, as an fp32 matrix product over BN images at a time), and
-    bias[i] = sum over images of a[image, i]."""
-    i = tl.program_id(0) * BR + tl.arange(0, BR)
-    j = tl.program_id(1) * BC + tl.arange(0, BC)
+def _outer_tile(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.constexpr, rows,
+                cols, pi, pj, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+    """Tile (pi, pj) of w[i, j] = sum over images of a[image, i] * b[image, j] (a dense
+    layer's weight gradient: a^T b, as an fp32 matrix product over BN images at a time), and
+    with pj == 0, bias[i] = sum over images of a[image, i]."""
+    i = pi * BR + tl.arange(0, BR)
+    j = pj * BC + tl.arange(0, BC)
     acc = tl.zeros((BR, BC), tl.float32)
     bias = tl.zeros((BR,), tl.float32)
     for n0 in range(0, IMAGES, BN):
@@ -363,8 +365,53 @@ def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.con
         bias += tl.sum(a, axis=1)
     tl.store(w_ptr + i[:, None] * cols + j[None, :], acc,
              mask=(i[:, None] < rows) & (j[None, :] < cols))
-    if tl.program_id(1) == 0:
+    if pj == 0:
         tl.store(bias_ptr + i, bias, mask=i < rows)
+
+
+@triton.jit
+def _sum_images(part_ptr, out_ptr, IMAGES: tl.constexpr, width, BLOCK: tl.constexpr,
+                BN: tl.constexpr):
+    """SPREAD "image": the convolutions' per-image gradients summed (`_sum_block`)."""
+    _sum_block(part_ptr, out_ptr, tl.program_id(0), IMAGES, width, BLOCK, BN)
+
+
+@triton.jit
+def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.constexpr, rows,
+               cols, BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+    """SPREAD "image": one dense layer's weight and bias gradients (`_outer_tile`), a tile per
+    program."""
+    _outer_tile(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES, rows, cols,
+                tl.program_id(0), tl.program_id(1), BR, BC, BN)
+
+
+# SPREAD "split" sums the batch in one launch of SUMS programs: the 41 blocks of 64 that
+# `_sum_block` sums PARTS in, then the 32x32 tiles of fc1's, fc2's and fc3's weight
+# gradients (4x13, 3x4 and 1x3 of them). Each program starts at its part's _..._FROM.
+_FC1_FROM, _FC2_FROM, _FC3_FROM = (tl.constexpr(k) for k in (41, 41 + 52, 41 + 52 + 12))
+SUMS = 41 + 52 + 12 + 3
+
+
+@triton.jit
+def _batch_sums(part_ptr, conv_ptr, d3_ptr, p2_ptr, w3_ptr, b3_ptr, d4_ptr, h3_ptr, w4_ptr,
+                b4_ptr, g_ptr, h4_ptr, w5_ptr, b5_ptr, IMAGES: tl.constexpr):
+    """SPREAD "split": every sum over the batch as one launch of independent programs (the
+    same programs as `_sum_images` and the three `_outer_sum`s, which run one after
+    another)."""
+    pid = tl.program_id(0)
+    if pid < _FC1_FROM:
+        _sum_block(part_ptr, conv_ptr, pid, IMAGES, 2572, 64, 32)
+    elif pid < _FC2_FROM:
+        tile = pid - _FC1_FROM
+        _outer_tile(d3_ptr, 128, p2_ptr, 400, w3_ptr, b3_ptr, IMAGES, 120, 400,
+                    tile // 13, tile % 13, 32, 32, 32)
+    elif pid < _FC3_FROM:
+        tile = pid - _FC2_FROM
+        _outer_tile(d4_ptr, 128, h3_ptr, 128, w4_ptr, b4_ptr, IMAGES, 84, 120,
+                    tile // 4, tile % 4, 32, 32, 32)
+    else:
+        _outer_tile(g_ptr, 10, h4_ptr, 128, w5_ptr, b5_ptr, IMAGES, 10, 84, 0,
+                    pid - _FC3_FROM, 32, 32, 32)
 
 
 PROGRAM_WARPS = 8  # per image: 256 threads over tiles of up to 8x4x256
@@ -376,10 +423,12 @@ SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to
 #            backward 100 µs and the forward 25 µs of a 176 µs step.
 #   "split"  the convolutions also over channels: forward `_forward_conv1` (3 programs per
 #            image), `_forward_conv2` (4), `_forward_dense` (1); backward `_backward_dense`
-#            (1), `_backward_conv` (6). More programs, each with less serial work, for two
-#            launches more; and `_backward_conv` sums within threads (matrix products) where
-#            `_backward` sums across them (benchmarks/triton_resources.py compares their
-#            code without a GPU). Checked against float64 like "image"; not yet timed on a GPU
+#            (1), `_backward_conv` (6); then every sum over the batch as one launch,
+#            `_batch_sums`, where "image" makes four in a row. As many launches, and more
+#            programs, each with less serial work. `_backward_conv` sums within threads
+#            (matrix products) where `_backward` sums across them
+#            (benchmarks/triton_resources.py compares their code without a GPU). Checked
+#            against float64 like "image"; not yet timed on a GPU
 #            (`python benchmarks/gpu_speed.py --only steps-book,profile,profile-split`).
 SPREADS = ("image", "split")
 SPREAD = "image"
@@ -431,17 +480,20 @@ class _BookLeNet(torch.autograd.Function):
             _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
                             num_warps=PROGRAM_WARPS)
         conv = new(PARTS)
-        # The batch size is a compile-time constant of these two (a batch of 128 and an
+        dense = [new(shape) for shape in PARAM_SHAPES[4:]]
+        # The batch size is a compile-time constant of the sums (a batch of 128 and an
         # epoch's last, smaller batch: two compilations).
-        _sum_images[(triton.cdiv(PARTS, 64),)](part, conv, n, PARTS, BLOCK=64, BN=32)
-        dense = []
-        for a, a_stride, b, b_stride, rows, cols in ((d3, H, p2, P2, 120, 400),
-                                                     (d4, H, h3, H, 84, 120),
-                                                     (g, 10, h4, H, 10, 84)):
-            w, bias = new(rows, cols), new(rows)
-            _outer_sum[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
-                a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
-            dense += [w, bias]
+        if ctx.spread == "split":
+            _batch_sums[(SUMS,)](part, conv, d3, p2, *dense[0:2], d4, h3, *dense[2:4],
+                                          g, h4, *dense[4:6], n)
+        else:
+            _sum_images[(triton.cdiv(PARTS, 64),)](part, conv, n, PARTS, BLOCK=64, BN=32)
+            for a, a_stride, b, b_stride, w, bias in ((d3, H, p2, P2, *dense[0:2]),
+                                                      (d4, H, h3, H, *dense[2:4]),
+                                                      (g, 10, h4, H, *dense[4:6])):
+                rows, cols = w.shape
+                _outer_sum[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
+                    a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
         w1, b1, w2, b2 = (k.value for k in (W1_AT, B1_AT, W2_AT, B2_AT))
         return (None, None, conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2],
                 conv[w2:b2].view(16, 6, 5, 5), conv[b2:PARTS], *dense)
