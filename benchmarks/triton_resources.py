@@ -2,7 +2,7 @@
 for sm_90 (H100, H200) by Triton's own compiler and ptxas, then its registers per thread,
 spilled bytes, shared memory, and its machine code's instruction mix (cuobjdump).
 
-    python benchmarks/triton_resources.py [KERNEL ...]
+    python benchmarks/triton_resources.py [KERNEL ...] [--against REV]
 
 Registers bound how many warps a multiprocessor holds (65,536 registers: 8 warps at 255
 registers, 16 at 128); a STACK above 0 is registers spilled to local memory; SHFL and BAR
@@ -13,8 +13,10 @@ execution: a loop Triton did not unroll counts once. Not timings: a GPU measures
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,31 +60,75 @@ def compile_for_hopper(fn, warps: int, args: dict | None = None) -> tuple[bytes,
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
+def machine_code(cubin: bytes) -> list[str]:
+    """The cubin's SASS, one instruction per item, without addresses and encodings."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([TOOLS / "cuobjdump", "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+            if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+
+
 def resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([TOOLS / "cuobjdump", "--dump-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
     found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    ops = [line.split("*/", 1)[1].split(";")[0].split() for line in sass.splitlines()
-           if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    ops = [line.split() for line in machine_code(cubin)]
     opcodes = [op[1] if op and op[0].startswith("@") else op[0] for op in ops if op]
     counts = {name: sum(o.split(".")[0] == name for o in opcodes) for name in COUNTED}
     return {"regs": int(found["REG"]), "stack": int(found["STACK"]),
             "instructions": len(opcodes), **counts}
 
 
+def module_at(rev: str):
+    """lenet.triton_book as it was at git revision `rev`, imported on its own."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:src/lenet/triton_book.py"], cwd=root,
+                            capture_output=True, text=True)
+    if source.returncode:
+        sys.exit(f"triton_resources.py: {rev}: {source.stderr.strip()}")
+    folder = Path(tempfile.mkdtemp())
+    path = folder / ("triton_book_" + re.sub(r"\W", "_", rev) + ".py")
+    path.write_text(source.stdout)  # Triton's jit reads a kernel's source from its file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(rev: str, names: list[str]) -> None:
+    """Whether each kernel compiles to the same SASS at `rev` as in the working tree."""
+    old = module_at(rev)
+    print(f"Triton {triton.__version__}, sm_90: the working tree's kernels against {rev}'s")
+    for name in names:
+        warps, args = KERNELS[name]
+        if not hasattr(old, name):
+            print(f"{name}: not at {rev}")
+            continue
+        ours, theirs = (machine_code(compile_for_hopper(getattr(m, name), warps, args)[0])
+                        for m in (k, old))
+        same = "the same machine code" if ours == theirs else "different machine code"
+        print(f"{name}: {same} ({len(ours)} instructions here, {len(theirs)} at {rev})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kernels", nargs="*", metavar="KERNEL",
                    help=f"kernels to compile (default: all of {', '.join(KERNELS)})")
+    p.add_argument("--against", metavar="REV",
+                   help="instead, say whether each kernel compiles to the same machine code "
+                   "as at git revision REV (a refactor that must not change a measured kernel)")
     a = p.parse_args()
     unknown = [name for name in a.kernels if name not in KERNELS]
     if unknown:
         p.error(f"no kernel {unknown[0]!r}: expected one of {', '.join(KERNELS)}")
+    if a.against:
+        return compare(a.against, a.kernels or list(KERNELS))
     print(f"Triton {triton.__version__}, sm_90")
     print("| kernel | warps | regs | stack B | shared B | instructions | "
           + " | ".join(COUNTED) + " |")
