@@ -33,7 +33,7 @@ KERNELS = {
     "_backward": (k.PROGRAM_WARPS, {}),
     "_forward_conv1": (k.SPLIT_WARPS, {}),
     "_forward_conv2": (k.SPLIT_WARPS, {}),
-    "_forward_dense": (k.PROGRAM_WARPS, {}),
+    "_forward_dense": (k.PROGRAM_WARPS, {"y_ptr": "*i64", "smoothing": "fp32", "LOSS": True}),
     "_backward_dense": (k.PROGRAM_WARPS, {}),
     "_backward_conv": (k.SPLIT_WARPS, {}),
     "_sum_images": (4, {"IMAGES": 128, "width": "i32", "BLOCK": 64, "BN": 32}),

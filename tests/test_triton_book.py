@@ -139,6 +139,62 @@ def test_forward_and_every_gradient_match_autograd_in_float64(kernels, spread):
         assert ours_err <= max(2 * torch_err, 1e-6), (name, ours_err, torch_err)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_split_kernels_loss_matches_cross_entropy_in_float64(kernels, smoothing):
+    """The split kernels' own loss (BookForward.fused_loss): the batch's summed
+    cross-entropy with label smoothing, its right answers, and the ten gradients, against
+    F.cross_entropy on the network in float64."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = models.init_model(BOOK.model, 0).to(device)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(4, 1, 28, 28, generator=gen).to(device)
+    x[1] = 0
+    exact = models.init_model(BOOK.model, 0).double().to(device)
+    ref_logits = exact(x.double())
+    y = torch.tensor([0, 3, 9, 5], device=device)
+    y[0] = ref_logits[0].argmax()  # one right answer at least
+    ours = kernels.BookForward(model, "split")
+    assert kernels.BookForward(model, "image").fused_loss is None
+    total, right = ours.fused_loss(x, y, smoothing)
+    grads = torch.autograd.grad(total / 4, ours.params)
+    ref_total = F.cross_entropy(ref_logits, y, reduction="sum", label_smoothing=smoothing)
+    ref = torch.autograd.grad(ref_total / 4, list(exact.parameters()))
+    fp32 = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum",
+                                               label_smoothing=smoothing) / 4, ours.params)
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-6)
+    assert right.item() == (ref_logits.argmax(1) == y).sum().item() >= 1
+    assert right.dtype == torch.int64 and not right.requires_grad
+    for g, t, r in zip(grads, fp32, ref, strict=True):
+        scale = r.abs().max().item()
+        ours_err = (g.double() - r).abs().max().item() / scale
+        torch_err = (t.double() - r).abs().max().item() / scale
+        assert ours_err <= max(2 * torch_err, 1e-6), (ours_err, torch_err)
+
+
+def test_the_graph_step_takes_the_split_kernels_loss(kernels, monkeypatch):
+    """GraphStep on the split kernels computes the loss in them, not in F.cross_entropy,
+    and gets what the image kernels with F.cross_entropy get."""
+    from lenet import cuda_graph
+    from lenet.data.batches import to_float
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (3, 1, 28, 28), generator=gen, dtype=torch.uint8).to(device)
+    y = torch.tensor([1, 7, 2], device=device)
+    results = {}
+    for spread in ("image", "split"):
+        model = models.init_model(BOOK.model, 0).to(device)
+        step = cuda_graph.GraphStep(model, kernels.BookForward(model, spread), to_float, 0.1)
+        if spread == "split":
+            monkeypatch.setattr(cuda_graph.F, "cross_entropy", None)  # must not be called
+        total, right = step._run(x, y)
+        results[spread] = (total, right, [g.clone() for g in step.grads])
+    (t1, r1, g1), (t2, r2, g2) = results["image"], results["split"]
+    assert t2.item() == pytest.approx(t1.item(), rel=1e-6) and r2.item() == r1.item()
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_the_spread_is_one_of_the_known_ways(kernels, monkeypatch):
     from lenet.errors import ConfigError
 

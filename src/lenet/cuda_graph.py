@@ -98,7 +98,9 @@ class GraphStep:
     batch of uint8 images (`prepare` makes them the network's input, inside the graph).
 
     `step(x, y)` leaves the gradients in each parameter's `.grad` (the same tensors every
-    step) and returns the batch's summed loss and correct count as device tensors."""
+    step) and returns the batch's summed loss and correct count as device tensors. A
+    `forward` with a `fused_loss` (lenet.triton_book's split kernels) computes the loss and
+    the count itself, in its own kernels."""
 
     def __init__(self, model: torch.nn.Module, forward: Callable, prepare: Callable,
                  label_smoothing: float = 0.0, recorder: type | None = None):
@@ -128,12 +130,16 @@ class GraphStep:
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step itself: a pure function of (x, y) and the weights that writes the
         gradients into the static `self.grads` (and updates BatchNorm's running stats)."""
-        logits = self.forward(self.prepare(x))
-        total = F.cross_entropy(logits, y, reduction="sum",
-                                label_smoothing=self.label_smoothing)
+        fused_loss = getattr(self.forward, "fused_loss", None)
+        if fused_loss is not None:  # kernels that compute the loss with the network
+            total, right = fused_loss(self.prepare(x), y, self.label_smoothing)
+        else:
+            logits = self.forward(self.prepare(x))
+            total = F.cross_entropy(logits, y, reduction="sum",
+                                    label_smoothing=self.label_smoothing)
+            right = (logits.argmax(1) == y).sum()
         grads = torch.autograd.grad(total / len(y), self.params)
         torch._foreach_copy_(self.grads, grads)
-        right = (logits.argmax(1) == y).sum()
         return total.detach(), right
 
     def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:

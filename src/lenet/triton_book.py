@@ -92,7 +92,8 @@ def _conv2_forward(p1_ptr, w2, b2, s2_ptr, p2_ptr, co0, CO: tl.constexpr):
 @triton.jit
 def _dense_forward(n, p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr):
     """Image n's dense layers from its flattened 400 values (p2_ptr offset to the image):
-    400 -> 120, sigmoid; 120 -> 84, sigmoid; 84 -> 10."""
+    400 -> 120, sigmoid; 120 -> 84, sigmoid; 84 -> 10. Returns the logits (16, the last 6
+    padding)."""
     r = tl.arange(0, 128)
     acc3 = tl.zeros((128,), tl.float32)
     for k0 in range(0, 400, 128):
@@ -114,6 +115,7 @@ def _dense_forward(n, p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr):
                 other=0.0)
     logits = tl.sum(w * h4[None, :], axis=1) + tl.load(b5 + o, mask=o < 10, other=0.0)
     tl.store(out_ptr + n * 10 + o, logits, mask=o < 10)
+    return logits
 
 
 @triton.jit
@@ -145,10 +147,36 @@ def _forward_conv2(p1_ptr, w2, b2, s2_ptr, p2_ptr):
 
 
 @triton.jit
-def _forward_dense(p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr):
-    """SPREAD "split", third forward kernel: one program per image."""
+def _softmax_loss(n, logits, y_ptr, g_ptr, loss_ptr, right_ptr, smoothing):
+    """Image n's cross-entropy with label smoothing (as F.cross_entropy), its gradient with
+    respect to the logits (softmax minus the smoothed one-hot target) and whether the
+    largest logit is the label's (the first of equal ones, as argmax)."""
+    o = tl.arange(0, 16)
+    z = tl.where(o < 10, logits, -float("inf"))
+    z = z - tl.max(z, axis=0)
+    e = tl.exp(z)
+    total = tl.sum(e, axis=0)
+    logp = z - tl.log(total)
+    label = tl.load(y_ptr + n).to(tl.int32)
+    hit = o == label
+    loss = (-(1.0 - smoothing) * tl.sum(tl.where(hit, logp, 0.0), axis=0)
+            - smoothing / 10 * tl.sum(tl.where(o < 10, logp, 0.0), axis=0))
+    tl.store(loss_ptr + n, loss)
+    tl.store(g_ptr + n * 10 + o, e / total - tl.where(hit, 1.0 - smoothing, 0.0) - smoothing / 10,
+             mask=o < 10)
+    tl.store(right_ptr + n, (tl.argmax(z, axis=0, tie_break_left=True) == label).to(tl.int64))
+
+
+@triton.jit
+def _forward_dense(p2_ptr, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr, y_ptr, g_ptr,
+                   loss_ptr, right_ptr, smoothing, LOSS: tl.constexpr):
+    """SPREAD "split", third forward kernel: one program per image. With LOSS, also the
+    image's loss, its gradient and whether it is right (`_softmax_loss`)."""
     n = tl.program_id(0)
-    _dense_forward(n, p2_ptr + n * 400, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr, out_ptr)
+    logits = _dense_forward(n, p2_ptr + n * 400, w3, b3, w4, b4, w5, b5, h3_ptr, h4_ptr,
+                            out_ptr)
+    if LOSS:
+        _softmax_loss(n, logits, y_ptr, g_ptr, loss_ptr, right_ptr, smoothing)
 
 
 @triton.jit
@@ -445,58 +473,96 @@ def chosen_spread(spread: str | None = None) -> str:
     return name
 
 
+def _run_forward(spread: str, x, params, y=None, smoothing: float = 0.0):
+    """The forward kernels: (logits, what the backward needs, and with labels y (spread
+    "split" only) each image's loss, its gradient dL/dlogits and whether it is right)."""
+    w1, b1, w2, b2, w3, b3, w4, b4, w5, b5 = params
+    n = x.shape[0]
+    new = x.new_empty
+    s1, p1, s2, p2 = new(n, S1), new(n, P1), new(n, S2), new(n, P2)
+    h3, h4, logits = new(n, H), new(n, H), new(n, 10)
+    losses = g = right = None
+    if spread == "split":
+        _forward_conv1[(n, 3)](x, w1, b1, s1, p1, num_warps=SPLIT_WARPS)
+        _forward_conv2[(n, 4)](p1, w2, b2, s2, p2, num_warps=SPLIT_WARPS)
+        if y is not None:
+            losses, g, right = new(n), new(n, 10), y.new_empty(n)
+        _forward_dense[(n,)](p2, w3, b3, w4, b4, w5, b5, h3, h4, logits,
+                             *((y, g, losses, right) if y is not None else (logits,) * 4),
+                             smoothing, LOSS=y is not None, num_warps=PROGRAM_WARPS)
+    else:
+        _forward[(n,)](x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
+                       s1, p1, s2, p2, h3, h4, logits, num_warps=PROGRAM_WARPS)
+    return logits, (x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4), (losses, g, right)
+
+
+def _run_backward(spread: str, saved, g) -> list:
+    """The backward kernels from g = dL/dlogits [n, 10]: the ten parameters' gradients."""
+    x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4 = saved
+    n = x.shape[0]
+    new = x.new_empty
+    d3, d4, dp2, ds2, part = new(n, H), new(n, H), new(n, DP2), new(n, S2), new(n, PARTS)
+    if spread == "split":
+        _backward_dense[(n,)](g, w3, w4, w5, s2, h3, h4, d3, d4, dp2, ds2, part,
+                              num_warps=PROGRAM_WARPS)
+        e = new(n, 6, E)
+        _backward_conv[(n, 6)](x, w2, s1, p1, ds2, e, part, num_warps=SPLIT_WARPS)
+    else:
+        _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
+                        num_warps=PROGRAM_WARPS)
+    conv = new(PARTS)
+    dense = [new(shape) for shape in PARAM_SHAPES[4:]]
+    # The batch size is a compile-time constant of the sums (a batch of 128 and an epoch's
+    # last, smaller batch: two compilations).
+    if spread == "split":
+        _batch_sums[(SUMS,)](part, conv, d3, p2, *dense[0:2], d4, h3, *dense[2:4], g, h4,
+                             *dense[4:6], n)
+    else:
+        _sum_images[(triton.cdiv(PARTS, 64),)](part, conv, n, PARTS, BLOCK=64, BN=32)
+        for a, a_stride, b, b_stride, w, bias in ((d3, H, p2, P2, *dense[0:2]),
+                                                  (d4, H, h3, H, *dense[2:4]),
+                                                  (g, 10, h4, H, *dense[4:6])):
+            rows, cols = w.shape
+            _outer_sum[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
+                a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
+    w1, b1, w2, b2 = (k.value for k in (W1_AT, B1_AT, W2_AT, B2_AT))
+    return [conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2], conv[w2:b2].view(16, 6, 5, 5),
+            conv[b2:PARTS], *dense]
+
+
 class _BookLeNet(torch.autograd.Function):
+    """The network: logits from x."""
+
     @staticmethod
-    def forward(ctx, spread, x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5):
+    def forward(ctx, spread, x, *params):
         ctx.spread = spread
-        n = x.shape[0]
-        new = x.new_empty
-        s1, p1, s2, p2 = new(n, S1), new(n, P1), new(n, S2), new(n, P2)
-        h3, h4, logits = new(n, H), new(n, H), new(n, 10)
-        if spread == "split":
-            _forward_conv1[(n, 3)](x, w1, b1, s1, p1, num_warps=SPLIT_WARPS)
-            _forward_conv2[(n, 4)](p1, w2, b2, s2, p2, num_warps=SPLIT_WARPS)
-            _forward_dense[(n,)](p2, w3, b3, w4, b4, w5, b5, h3, h4, logits,
-                                 num_warps=PROGRAM_WARPS)
-        else:
-            _forward[(n,)](x, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5,
-                           s1, p1, s2, p2, h3, h4, logits, num_warps=PROGRAM_WARPS)
-        ctx.save_for_backward(x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4)
+        logits, saved, _ = _run_forward(spread, x, params)
+        ctx.save_for_backward(*saved)
         return logits
 
     @staticmethod
     def backward(ctx, g):
-        x, w2, w3, w4, w5, s1, p1, s2, p2, h3, h4 = ctx.saved_tensors
-        g = g.contiguous()
-        n = x.shape[0]
-        new = x.new_empty
-        d3, d4, dp2, ds2, part = new(n, H), new(n, H), new(n, DP2), new(n, S2), new(n, PARTS)
-        if ctx.spread == "split":
-            _backward_dense[(n,)](g, w3, w4, w5, s2, h3, h4, d3, d4, dp2, ds2, part,
-                                  num_warps=PROGRAM_WARPS)
-            e = new(n, 6, E)
-            _backward_conv[(n, 6)](x, w2, s1, p1, ds2, e, part, num_warps=SPLIT_WARPS)
-        else:
-            _backward[(n,)](x, g, w2, w3, w4, w5, s1, p1, s2, h3, h4, d3, d4, dp2, ds2, part,
-                            num_warps=PROGRAM_WARPS)
-        conv = new(PARTS)
-        dense = [new(shape) for shape in PARAM_SHAPES[4:]]
-        # The batch size is a compile-time constant of the sums (a batch of 128 and an
-        # epoch's last, smaller batch: two compilations).
-        if ctx.spread == "split":
-            _batch_sums[(SUMS,)](part, conv, d3, p2, *dense[0:2], d4, h3, *dense[2:4],
-                                          g, h4, *dense[4:6], n)
-        else:
-            _sum_images[(triton.cdiv(PARTS, 64),)](part, conv, n, PARTS, BLOCK=64, BN=32)
-            for a, a_stride, b, b_stride, w, bias in ((d3, H, p2, P2, *dense[0:2]),
-                                                      (d4, H, h3, H, *dense[2:4]),
-                                                      (g, 10, h4, H, *dense[4:6])):
-                rows, cols = w.shape
-                _outer_sum[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
-                    a, a_stride, b, b_stride, w, bias, n, rows, cols, BR=32, BC=32, BN=32)
-        w1, b1, w2, b2 = (k.value for k in (W1_AT, B1_AT, W2_AT, B2_AT))
-        return (None, None, conv[w1:b1].view(6, 1, 5, 5), conv[b1:w2],
-                conv[w2:b2].view(16, 6, 5, 5), conv[b2:PARTS], *dense)
+        return None, None, *_run_backward(ctx.spread, ctx.saved_tensors, g.contiguous())
+
+
+class _BookLeNetLoss(torch.autograd.Function):
+    """The network and its loss in the same kernels (spread "split"): the batch's summed
+    cross-entropy (with label smoothing) and its count of right answers, from x and y.
+    Saves the loss's own launches: PyTorch's cross-entropy, its backward and the argmax
+    are some eight small kernels of a step."""
+
+    @staticmethod
+    def forward(ctx, smoothing, x, y, *params):
+        _, saved, (losses, g, right) = _run_forward("split", x, params, y, smoothing)
+        ctx.save_for_backward(*saved, g)
+        right = right.sum()
+        ctx.mark_non_differentiable(right)
+        return losses.sum(), right
+
+    @staticmethod
+    def backward(ctx, d_total, _):
+        *saved, g = ctx.saved_tensors
+        return None, None, None, *_run_backward("split", saved, g * d_total)
 
 
 PARAM_SHAPES = ((6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,),
@@ -534,5 +600,16 @@ class BookForward:
                        model.conv2.bias, model.fc1.weight, model.fc1.bias, model.fc2.weight,
                        model.fc2.bias, model.fc3.weight, model.fc3.bias]
 
+        # The split kernels compute the loss too: lenet.cuda_graph.GraphStep uses this then.
+        self.fused_loss = self._loss if self.spread == "split" else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _BookLeNet.apply(self.spread, x.contiguous(), *self.params)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch's summed cross-entropy, its number of right answers), as
+        F.cross_entropy(self(x), y, reduction="sum", label_smoothing=...) and
+        (self(x).argmax(1) == y).sum() give them."""
+        return _BookLeNetLoss.apply(float(label_smoothing), x.contiguous(), y.contiguous(),
+                                    *self.params)
