@@ -10,8 +10,8 @@ each image is one Triton program that keeps its image's work together (SPREAD "i
   convolutions' weight and bias gradients;
 - then four small launches sum the per-image gradients over the batch, in image order.
 So the step is six kernels plus the loss's few, and it is deterministic. SPREAD "split"
-computes the same with each image's convolutions also spread over channels, and the sums
-in one launch (see SPREADS).
+computes the same with each image's convolutions also spread over channels, the sums in
+one launch, and the loss in the forward's kernels (see SPREADS).
 
 Activations are kept in padded per-image scratch buffers. The convolutions are computed
 in "pooled layout": [channel, cell of the 2x2 window, pooled position]. Pooling is then a
@@ -458,6 +458,8 @@ SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to
 #            (benchmarks/triton_resources.py compares their code without a GPU). Checked
 #            against float64 like "image"; not yet timed on a GPU
 #            (`python benchmarks/gpu_speed.py --only steps-book,profile,profile-split`).
+#            In a training step (lenet.cuda_graph.GraphStep) its forward also computes the
+#            loss and dL/dlogits (`BookForward.fused_loss`), saving PyTorch's loss kernels.
 SPREADS = ("image", "split")
 SPREAD = "image"
 
