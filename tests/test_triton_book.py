@@ -96,6 +96,13 @@ def test_self_check_runs_the_kernels_and_reports_a_failure_in_one_line(monkeypat
     def broken(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC\nmore detail")
 
+    monkeypatch.setenv("LENET_TRITON_SPREAD", "split")
+    assert kernels.self_check(device, 1) is None
+    monkeypatch.setattr(kernels._BookLeNetLoss, "apply", broken)  # split: the loss kernels too
+    assert kernels.self_check(device, 1) == (
+        "they do not run here (RuntimeError: Failed to find C compiler. Please specify via CC)")
+    monkeypatch.delenv("LENET_TRITON_SPREAD")
+    assert kernels.self_check(device, 1) is None  # "image" has no loss kernels
     monkeypatch.setattr(kernels._BookLeNet, "apply", broken)
     assert kernels.self_check(device, 1) == (
         "they do not run here (RuntimeError: Failed to find C compiler. Please specify via CC)")

@@ -574,15 +574,20 @@ PARAM_SHAPES = ((6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (8
 def self_check(device: torch.device, batch: int) -> str | None:
     """None when the kernels compile and run on `device`: a forward and backward of `batch`
     zero images (compiling them, as the first training step would: seconds the first time on
-    a machine, then Triton's disk cache). Else why not, in one line: a GPU or a tool chain
-    that Triton cannot build for (it needs a C compiler, for one)."""
+    a machine, then Triton's disk cache), and for the split kernels with their loss too.
+    Else why not, in one line: a GPU or a tool chain that Triton cannot build for (it needs
+    a C compiler, for one)."""
     spread = chosen_spread()  # a bad $LENET_TRITON_SPREAD is the user's error, not the GPU's
     try:
         params = [torch.zeros(shape, device=device, requires_grad=True)
                   for shape in PARAM_SHAPES]
-        logits = _BookLeNet.apply(spread, torch.zeros(batch, 1, 28, 28, device=device),
-                                  *params)
+        x = torch.zeros(batch, 1, 28, 28, device=device)
+        logits = _BookLeNet.apply(spread, x, *params)
         torch.autograd.grad(logits.sum(), params)
+        if spread == "split":  # the training step's own kernels: with the loss
+            y = torch.zeros(batch, dtype=torch.int64, device=device)
+            total, _ = _BookLeNetLoss.apply(0.0, x, y, *params)
+            torch.autograd.grad(total, params)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # whatever Triton or the driver raise: the cuDNN graph still runs
@@ -601,7 +606,6 @@ class BookForward:
         self.params = [model.conv1.weight, model.conv1.bias, model.conv2.weight,
                        model.conv2.bias, model.fc1.weight, model.fc1.bias, model.fc2.weight,
                        model.fc2.bias, model.fc3.weight, model.fc3.bias]
-
         # The split kernels compute the loss too: lenet.cuda_graph.GraphStep uses this then.
         self.fused_loss = self._loss if self.spread == "split" else None
 
