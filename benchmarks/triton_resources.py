@@ -60,24 +60,24 @@ def compile_for_hopper(fn, warps: int, args: dict | None = None) -> tuple[bytes,
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def machine_code(cubin: bytes) -> list[str]:
-    """The cubin's SASS, one instruction per item, without addresses and encodings."""
+def cuobjdump(cubin: bytes, option: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([TOOLS / "cuobjdump", "--dump-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    return [line.split("*/", 1)[1].split(";")[0].strip() for line in sass.splitlines()
+        return subprocess.run([TOOLS / "cuobjdump", option, f.name], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def machine_code(cubin: bytes) -> list[str]:
+    """The cubin's SASS, one instruction per item, without addresses and encodings."""
+    return [line.split("*/", 1)[1].split(";")[0].strip()
+            for line in cuobjdump(cubin, "--dump-sass").splitlines()
             if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
 
 
 def resources(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)",
+                            cuobjdump(cubin, "--dump-resource-usage")))
     ops = [line.split() for line in machine_code(cubin)]
     opcodes = [op[1] if op and op[0].startswith("@") else op[0] for op in ops if op]
     counts = {name: sum(o.split(".")[0] == name for o in opcodes) for name in COUNTED}
@@ -102,7 +102,8 @@ def module_at(rev: str):
 
 
 def compare(rev: str, names: list[str]) -> None:
-    """Whether each kernel compiles to the same SASS at `rev` as in the working tree."""
+    """Whether each kernel compiles to the same SASS at `rev` as in the working tree, and
+    both sides' registers, instructions, shuffles and barriers."""
     old = module_at(rev)
     print(f"Triton {triton.__version__}, sm_90: the working tree's kernels against {rev}'s")
     for name in names:
@@ -110,10 +111,12 @@ def compare(rev: str, names: list[str]) -> None:
         if not hasattr(old, name):
             print(f"{name}: not at {rev}")
             continue
-        ours, theirs = (machine_code(compile_for_hopper(getattr(m, name), warps, args)[0])
-                        for m in (k, old))
-        same = "the same machine code" if ours == theirs else "different machine code"
-        print(f"{name}: {same} ({len(ours)} instructions here, {len(theirs)} at {rev})")
+        ours, theirs = (compile_for_hopper(getattr(m, name), warps, args)[0] for m in (k, old))
+        same = "the same" if machine_code(ours) == machine_code(theirs) else "different"
+        sides = [f"{where}: " + ", ".join(f"{key} {r[key]}" for key in
+                                          ("regs", "stack", "instructions", "SHFL", "BAR"))
+                 for where, r in (("here", resources(ours)), (rev, resources(theirs)))]
+        print(f"{name}: {same} machine code ({'; '.join(sides)})")
 
 
 def main() -> None:

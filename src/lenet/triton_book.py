@@ -220,29 +220,6 @@ def _output_deltas(n, g_ptr, w3, w4, w5, s2_ptr, h3_ptr, h4_ptr, d3_ptr, d4_ptr,
 
 
 @triton.jit
-def _conv1_backward(x_ptr, s1_ptr, part_ptr, dp1, c0, C: tl.constexpr):
-    """conv1's output gradient for the C channels from c0 of one image (channels past 6 are
-    padding), from dp1 [C, 256], the gradient of their pooled 14x14 maps: back through the
-    average pool and the sigmoid, then the channels' weight and bias gradients."""
-    cell = tl.arange(0, 4)[None, :, None]
-    c = c0 + tl.arange(0, C)[:, None, None]
-    q = tl.arange(0, 256)[None, None, :]
-    a1 = tl.load(s1_ptr + c * 1024 + cell * 256 + q)
-    ds1 = tl.where((c < 6) & (q < 196), dp1[:, None, :] * 0.25 * a1 * (1.0 - a1), 0.0)
-    cs = c0 + tl.arange(0, C)
-    tl.store(part_ptr + B1_AT + cs, tl.sum(tl.sum(ds1, axis=2), axis=1), mask=cs < 6)
-    oy = 2 * (q // 14) + cell // 2
-    ox = 2 * (q % 14) + cell % 2
-    for t in tl.static_range(25):
-        iy1 = oy + t // 5 - 2
-        ix1 = ox + t % 5 - 2
-        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
-        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
-        tl.store(part_ptr + W1_AT + cs * 25 + t, tl.sum(tl.sum(ds1 * x1, axis=2), axis=1),
-                 mask=cs < 6)
-
-
-@triton.jit
 def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_ptr,
               d3_ptr, d4_ptr, dp2_ptr, ds2_ptr, part_ptr):
     n = tl.program_id(0)
@@ -283,7 +260,22 @@ def _backward(x_ptr, g_ptr, w2, w3, w4, w5, s1_ptr, p1_ptr, s2_ptr, h3_ptr, h4_p
             d = tl.load(ds2_ptr + o2 * 128 + yy * 10 + xx, mask=ok, other=0.0)
             dp1 += tl.load(w2 + o2 * 150 + c * 25 + t, mask=c < 6, other=0.0) * d
 
-    _conv1_backward(x_ptr, s1_ptr, part_ptr, dp1, 0, 8)
+    # conv1's output gradient, then its weight and bias gradients
+    c = tl.arange(0, 8)[:, None, None]
+    q = tl.arange(0, 256)[None, None, :]
+    a1 = tl.load(s1_ptr + c * 1024 + cell * 256 + q)
+    ds1 = tl.where((c < 6) & (q < 196), dp1[:, None, :] * 0.25 * a1 * (1.0 - a1), 0.0)
+    c8 = tl.arange(0, 8)
+    tl.store(part_ptr + B1_AT + c8, tl.sum(tl.sum(ds1, axis=2), axis=1), mask=c8 < 6)
+    oy = 2 * (q // 14) + cell // 2
+    ox = 2 * (q % 14) + cell % 2
+    for t in tl.static_range(25):
+        iy1 = oy + t // 5 - 2
+        ix1 = ox + t % 5 - 2
+        ok1 = (q < 196) & (iy1 >= 0) & (iy1 < 28) & (ix1 >= 0) & (ix1 < 28)
+        x1 = tl.load(x_ptr + iy1 * 28 + ix1, mask=ok1, other=0.0)
+        tl.store(part_ptr + W1_AT + c8 * 25 + t, tl.sum(tl.sum(ds1 * x1, axis=2), axis=1),
+                 mask=c8 < 6)
 
 
 @triton.jit
@@ -413,11 +405,14 @@ def _outer_sum(a_ptr, a_stride, b_ptr, b_stride, w_ptr, bias_ptr, IMAGES: tl.con
                 tl.program_id(0), tl.program_id(1), BR, BC, BN)
 
 
-# SPREAD "split" sums the batch in one launch of SUMS programs: the 41 blocks of 64 that
+# SPREAD "split" sums the batch in one launch of SUMS programs: the blocks of 64 that
 # `_sum_block` sums PARTS in, then the 32x32 tiles of fc1's, fc2's and fc3's weight
-# gradients (4x13, 3x4 and 1x3 of them). Each program starts at its part's _..._FROM.
-_FC1_FROM, _FC2_FROM, _FC3_FROM = (tl.constexpr(k) for k in (41, 41 + 52, 41 + 52 + 12))
-SUMS = 41 + 52 + 12 + 3
+# gradients, as many as the default's four launches have. Each part starts at its _FROM.
+_PROGRAMS = (triton.cdiv(PARTS, 64), *(triton.cdiv(rows, 32) * triton.cdiv(cols, 32)
+                                       for rows, cols in ((120, 400), (84, 120), (10, 84))))
+_FC1_FROM, _FC2_FROM, _FC3_FROM = (tl.constexpr(sum(_PROGRAMS[:i])) for i in (1, 2, 3))
+_FC1_COLS, _FC2_COLS = tl.constexpr(triton.cdiv(400, 32)), tl.constexpr(triton.cdiv(120, 32))
+SUMS = sum(_PROGRAMS)
 
 
 @triton.jit
@@ -432,11 +427,11 @@ def _batch_sums(part_ptr, conv_ptr, d3_ptr, p2_ptr, w3_ptr, b3_ptr, d4_ptr, h3_p
     elif pid < _FC2_FROM:
         tile = pid - _FC1_FROM
         _outer_tile(d3_ptr, 128, p2_ptr, 400, w3_ptr, b3_ptr, IMAGES, 120, 400,
-                    tile // 13, tile % 13, 32, 32, 32)
+                    tile // _FC1_COLS, tile % _FC1_COLS, 32, 32, 32)
     elif pid < _FC3_FROM:
         tile = pid - _FC2_FROM
         _outer_tile(d4_ptr, 128, h3_ptr, 128, w4_ptr, b4_ptr, IMAGES, 84, 120,
-                    tile // 4, tile % 4, 32, 32, 32)
+                    tile // _FC2_COLS, tile % _FC2_COLS, 32, 32, 32)
     else:
         _outer_tile(g_ptr, 10, h4_ptr, 128, w5_ptr, b5_ptr, IMAGES, 10, 84, 0,
                     pid - _FC3_FROM, 32, 32, 32)
