@@ -66,6 +66,18 @@ def test_unwritable_destination_is_one_line(exported, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_missing_onnx_package_is_one_line_naming_the_extra(exported, tmp_path, capsys,
+                                                              monkeypatch):
+    from lenet import cli
+
+    monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
+    code = cli.main(["export", str(exported[0].folder), "--out", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "'onnxscript'" in err and "pip install 'lenet[onnx]'" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_check_reports_a_model_that_differs(exported):
     run, path = exported
     import copy

@@ -36,8 +36,8 @@ def _need(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ExportError(f"ONNX export needs the '{module}' package: pip install onnx "
-                          "onnxscript onnxruntime") from None
+        raise ExportError(f"ONNX export needs the '{module}' package; install it with: "
+                          "pip install 'lenet[onnx]'") from None
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, image_size: int = 28,
