@@ -52,3 +52,18 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json"):
         RunConfig.from_json_file(bad)
+
+
+def test_toml_configs_read_on_python_3_10_through_tomli(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib; pyproject.toml requires tomli there instead."""
+    import sys
+    import types
+
+    from lenet.config import read_config_file
+
+    tomllib = pytest.importorskip("tomllib")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", types.SimpleNamespace(loads=tomllib.loads))
+    path = tmp_path / "c.toml"
+    path.write_text('preset = "modern"\n[train]\nlr = 0.05\n')
+    assert read_config_file(path) == {"preset": "modern", "train": {"lr": 0.05}}

@@ -149,7 +149,10 @@ def read_config_file(path: str | Path) -> dict:
     toml = path.suffix.lower() == ".toml"
     try:
         if toml:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, as a package
+                import tomli as tomllib
 
             return tomllib.loads(path.read_text())
         return json.loads(path.read_text())
