@@ -75,6 +75,8 @@ def test_predict_json_is_one_document_in_input_order(run, pictures, capsys, isol
     (["activations", "{run}", "--classes", "coat,bag", "--per-class", "15"],
      "30 inputs chosen: at most 24 fit the figure"),
     (["activations", "{run}", "--image", "{tmp}/gone.png"], "{tmp}/gone.png: no such file"),
+    (["activations", "{run}", "--sample", "cat", "--per-class", "0"],
+     "--per-class 0: expected a positive integer"),
     (["export", "{run}", "--out", "{tmp}/no/m.onnx"], "--out {tmp}/no/m.onnx: no such folder"),
 ])
 def test_bad_requests_are_one_line_and_exit_1(run, tmp_path, capsys, isolated_env, args,
@@ -128,9 +130,12 @@ def test_activations_without_data_for_files_noise_and_blank(run, tmp_path, capsy
         raise AssertionError("the data set was loaded")
 
     monkeypatch.setattr(sources, "load", no_data)
-    assert cli.main(["activations", str(run), "--noise", "uniform", "--blank", "--out",
-                     str(tmp_path / "a.png")]) == 0
-    assert "blank" in capsys.readouterr().out
+    assert cli.main(["activations", str(run), "--sample", "cat", "--sample", "cup", "--noise",
+                     "uniform", "--blank", "--out", str(tmp_path / "a.png")]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:5]
+    assert [r.split("  ")[0] for r in rows] == ["cat (sample)", "cup (sample)", "uniform noise",
+                                              "blank"]
+    assert_picture(tmp_path / "a.png", (1200, 300), (2200, 1000))
 
 
 def test_export_checks_and_writes(run, tmp_path, capsys, isolated_env):

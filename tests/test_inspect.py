@@ -149,3 +149,41 @@ def test_real_pullovers_and_coats_activate_differently_from_noise(tmp_path_facto
     assert all(float(acts["act1"][i].flatten(1).std(1).max()) > 0.05 for i in range(4))
     noise, blank = rows[-2]["act1"], rows[-1]["act1"]
     assert noise.max > blank.max
+
+
+def test_the_sample_photographs_ship_with_the_package_and_load_as_inputs():
+    import fnmatch
+    from pathlib import Path
+
+    from lenet import samples
+    from lenet.config import read_config_file
+    from lenet.predict import load_image
+
+    package = Path(samples.__file__).parent
+    pyproject = read_config_file(package.parents[1] / "pyproject.toml")
+    globs = pyproject["tool"]["setuptools"]["package-data"]["lenet"]
+    credits = (package / "sample_images" / "CREDITS.txt").read_text()
+    images = []
+    for name in samples.NAMES:
+        path = samples.path(name)
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, g) for g in globs), relative  # in the wheel
+        assert path.name in credits  # each one says where it comes from and its licence
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and max(im.size) == 160
+        x = load_image(path, 28)
+        assert x.shape == (28, 28) and x.dtype == np.uint8 and x.std() > 20  # a picture
+        images.append(x)
+    assert all(np.abs(a.astype(int) - b).mean() > 10  # three different pictures
+               for i, a in enumerate(images) for b in images[i + 1:])
+    with pytest.raises(ConfigError, match="sample 'dog': expected one of cat, cup, rocket"):
+        samples.path("dog")
+
+
+def test_choose_puts_samples_after_files_and_before_noise(tmp_path):
+    Image.new("L", (40, 40), 255).save(tmp_path / "white.png")
+    probes = inspect.choose(None, images=[tmp_path / "white.png"], samples=["rocket", "cat"],
+                            noises=["uniform"], blank=True)
+    assert [p.name for p in probes] == ["white.png", "rocket (sample)", "cat (sample)",
+                                        "uniform noise", "blank"]
+    assert all(p.label is None for p in probes)

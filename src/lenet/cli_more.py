@@ -13,6 +13,8 @@ MAX_DIFF = 1e-4  # largest logit difference an export may show against PyTorch
 
 def add_parsers(verbs) -> None:
     """Add predict, activations and export to cli.py's subparsers object."""
+    from lenet import samples
+
     ckpt = {"choices": ("last", "best"), "default": "last",
             "help": "which checkpoint of the run (default last)"}
 
@@ -35,6 +37,9 @@ def add_parsers(verbs) -> None:
                    help="a test image by index (repeatable)")
     a.add_argument("--image", action="append", metavar="FILE",
                    help="an image file of yours (repeatable)")
+    a.add_argument("--sample", action="append", choices=samples.NAMES,
+                   help="a photograph shipped with lenet, nothing like its training data "
+                        "(repeatable)")
     a.add_argument("--noise", action="append", choices=("uniform", "gaussian"),
                    help="a noise image (repeatable)")
     a.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --noise (default 0)")
@@ -111,17 +116,18 @@ def cmd_activations(a) -> int:
     names = [n for group in a.classes or () for n in group.split(",") if n.strip()]
     if a.classes and not names:
         raise ConfigError("--classes: expected class names separated by commas")
-    chosen = names or a.index or a.image or a.noise or a.blank
+    chosen = names or a.index or a.image or a.sample or a.noise or a.blank
     split, classes = None, class_names(cfg)
     if names or a.index or not chosen:  # only these need the test set
         ds = _load_data(cfg.data.name)
         split, classes = ds.test, ds.classes
     probes = inspect.choose(split, classes, class_names=names, per_class=a.per_class,
-                            indices=a.index or (), images=a.image or (), noises=a.noise or (),
-                            seed=a.seed, blank=a.blank, size=cfg.model.image_size)
+                            indices=a.index or (), images=a.image or (),
+                            samples=a.sample or (), noises=a.noise or (), seed=a.seed,
+                            blank=a.blank, size=cfg.model.image_size)
     if not probes:
-        raise ConfigError("no inputs chosen: give --classes, --index, --image, --noise or "
-                          "--blank")
+        raise ConfigError("no inputs chosen: give --classes, --index, --image, --sample, "
+                          "--noise or --blank")
     if len(probes) > MAX_INPUTS:
         raise ConfigError(f"{len(probes)} inputs chosen: at most {MAX_INPUTS} fit the figure")
     out = Path(a.out) if a.out else run.folder / "activations.png"

@@ -1,5 +1,6 @@
 """Look inside the network (the chapter's exercises 4 and 5): what the conv layers' feature
-maps show for chosen inputs, test images, your own images, noise or a blank picture."""
+maps show for chosen inputs, test images, your own images, the photographs shipped with the
+package (lenet.samples), noise or a blank picture."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from lenet.errors import ConfigError
+from lenet.samples import path as sample_path
 
 # A unit counts as active above its activation's midpoint: sigmoid outputs 0.5 for a zero
 # input, so only > 0.5 means the weighted sum was positive; tanh, ReLU and GELU are > 0.
@@ -127,10 +129,11 @@ def noise(kind: str, rng: np.random.Generator, size: int = 28) -> np.ndarray:
 
 def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str] = (),
            per_class: int = 2, indices: Sequence[int] = (), images: Sequence[Path] = (),
-           noises: Sequence[str] = (), seed: int = 0, blank: bool = False,
-           size: int = 28) -> list[Probe]:
+           samples: Sequence[str] = (), noises: Sequence[str] = (), seed: int = 0,
+           blank: bool = False, size: int = 28) -> list[Probe]:
     """The inputs to look at, in this order: test images of the named classes (`per_class`
-    each), test images by index, image files, noise, a blank image. With no selector: two
+    each), test images by index, image files, the package's sample photographs, noise, a
+    blank image. With no selector: two
     Pullovers and two Coats when the classes exist (the pair the network confuses most),
     else the first four test images. `split` (images, labels) is needed for class names,
     indices and the default."""
@@ -139,7 +142,7 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
     def from_test(i: int, name: str) -> Probe:
         return Probe(name, split.images[i], classes[int(split.labels[i])])
 
-    nothing = not (class_names or indices or images or noises or blank)
+    nothing = not (class_names or indices or images or samples or noises or blank)
     if nothing:
         wanted = [c for c in ("pullover", "coat") if c in {x.lower() for x in classes}]
         class_names = wanted if len(wanted) == 2 else ()
@@ -160,6 +163,7 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
             raise ConfigError(f"--index {i}: expected 0 to {n - 1} (the test set's size)")
         probes.append(from_test(i, f"test #{i}"))
     probes += [Probe(Path(p).name, load_image(p, size)) for p in images]
+    probes += [Probe(f"{name} (sample)", load_image(sample_path(name), size)) for name in samples]
     rng = np.random.default_rng(seed)
     probes += [Probe(f"{kind} noise", noise(kind, rng, size)) for kind in noises]
     if blank:
