@@ -281,3 +281,20 @@ def test_real_uvicorn_refuses_chunked_and_oversized_bodies(models, test_split, c
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "ERROR" not in out + err
     json.dumps(r.json())  # plain JSON all the way down
+
+
+def test_the_sample_photos_are_served_and_predicted(client):
+    from lenet import samples
+
+    assert client.get("/api/info").json()["samples"] == ["cat", "cup", "rocket"]
+    for name in samples.NAMES:
+        r = client.get(f"/samples/{name}.jpg")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert r.content == samples.path(name).read_bytes()
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        answer = client.post("/api/predict", content=r.content,
+                             headers={"Content-Type": "image/jpeg"}).json()
+        assert len(answer["probabilities"]) == 10 and answer["top"]["class"]
+    missing = client.get("/samples/dog.jpg")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "/samples/dog.jpg: no such page"}

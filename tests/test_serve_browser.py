@@ -144,6 +144,22 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
     expect(status).to_have_text("uploaded upload.png")
     (np.asarray(Image.open(tmp_path / "upload.png")))  # still readable: not moved or locked
 
+    # The photos far from the training data: a button each, and `p` for the next one.
+    expect(page.locator("#photos button")).to_have_text(["cat", "cup", "rocket"])
+    before, seen = probabilities(), sees()
+    page.click("#photo-cup")
+    expect(status).to_have_text("photo: cup")
+    before = changed(before)
+    assert sees() != seen
+    pad_lit = ("() => { const c = document.querySelector('#pad'); return c.getContext('2d')"
+               ".getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 < 3)"
+               ".reduce((a, v) => a + v, 0) }")
+    on_pad = page.evaluate(pad_lit)
+    page.keyboard.press("p")
+    expect(status).to_have_text("photo: rocket")
+    changed(before)
+    assert page.evaluate(pad_lit) != on_pad  # the photo is drawn on the pad too
+
     page.focus("#random")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "noise"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenet import inspect
+from lenet import inspect, samples
 from lenet.errors import ConfigError, LenetError
 from lenet.predict import ImageError, ImageTooLarge, decode_image, to_input
 from lenet.report import LoadedRun, class_names, load_run
@@ -172,10 +172,12 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
                              f"{len(classes)} classes")
     pages = {path: (resources.files("lenet") / "static" / name).read_bytes()
              for path, (name, _) in STATIC.items()}
+    # The photographs `lenet activations --sample` takes, for the page's photo buttons.
+    photos = {f"/samples/{name}.jpg": samples.path(name).read_bytes() for name in samples.NAMES}
     info = {"classes": classes, "models": [m.describe(i) for i, m in enumerate(models)],
             "examples": test is not None, "test_images": len(test.labels) if test else 0,
             "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS},
-            "accepts": sorted(IMAGE_TYPES) + [RAW_TYPE]}
+            "accepts": sorted(IMAGE_TYPES) + [RAW_TYPE], "samples": list(samples.NAMES)}
     rng = np.random.default_rng()
 
     def answer(data: dict, status: int = 200) -> JSONResponse:
@@ -187,6 +189,9 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
     async def page(request):
         _, media_type = STATIC[request.url.path]
         return Response(pages[request.url.path], media_type=media_type, headers=HEADERS)
+
+    async def photo(request):
+        return Response(photos[request.url.path], media_type="image/jpeg", headers=HEADERS)
 
     async def api_info(request):
         return answer(info)
@@ -276,7 +281,7 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
     async def disconnected(request, exc: ClientDisconnect):
         return Response(status_code=400)  # nobody is left to read it
 
-    routes = [Route(path, page) for path in STATIC]
+    routes = [Route(path, page) for path in STATIC] + [Route(path, photo) for path in photos]
     routes += [Route("/api/info", api_info), Route("/api/example", api_example),
                Route("/api/predict", api_predict, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={

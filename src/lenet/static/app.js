@@ -269,12 +269,11 @@ for (const [id, act] of Object.entries(actions)) $(id).addEventListener("click",
 
 $("brush").addEventListener("input", () => { $("brush-size").textContent = $("brush").value; });
 
-$("file").addEventListener("change", async () => {
-  const f = $("file").files[0];
-  if (!f) return;
+// An image file (an upload, a photo): sent as it is, and shown on the pad to draw on.
+async function sendPicture(f, label) {
   forgetDrawing();
-  submit(f, f.type || "application/octet-stream", `uploaded ${f.name}`);
-  try {  // show it on the pad too, so it can be drawn on
+  submit(f, f.type || "application/octet-stream", label);
+  try {
     const bmp = await createImageBitmap(f);
     clearPad();
     const s = Math.min(pad.width / bmp.width, pad.height / bmp.height);
@@ -286,14 +285,35 @@ $("file").addEventListener("change", async () => {
     for (let p = 0; p < d.length; p += 4) sum += d[p] + d[p + 1] + d[p + 2];
     lightInk = sum / (d.length / 4 * 3) < 128;
   } catch (e) { /* the server's answer says what is wrong with the file */ }
+}
+
+$("file").addEventListener("change", async () => {
+  const f = $("file").files[0];
+  if (!f) return;
+  await sendPicture(f, `uploaded ${f.name}`);
   $("file").value = "";
 });
+
+let lastPhoto = -1;
+async function photo(name) {
+  lastPhoto = info.samples.indexOf(name);
+  try {
+    const res = await fetch(`/samples/${name}.jpg`);
+    if (!res.ok) throw new Error(`photo ${name}: ${res.status} ${res.statusText}`);
+    await sendPicture(await res.blob(), `photo: ${name}`);
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+actions.photo = () => {
+  if (info && info.samples.length) photo(info.samples[(lastPhoto + 1) % info.samples.length]);
+};
 
 document.addEventListener("keydown", e => {
   const t = e.target.tagName;
   if (e.ctrlKey || e.metaKey || e.altKey || t === "INPUT" || t === "SELECT" || t === "TEXTAREA") return;
-  const act = { c: "clear", r: "random", e: "example", n: "noise", b: "blank" }[e.key];
-  if (act && !$(act).disabled) { e.preventDefault(); actions[act](); }
+  const act = { c: "clear", r: "random", e: "example", n: "noise", b: "blank", p: "photo" }[e.key];
+  if (act && !($(act) && $(act).disabled)) { e.preventDefault(); actions[act](); }
 });
 
 async function start() {
@@ -307,6 +327,11 @@ async function start() {
   $("runs").textContent = info.models.map(m => m.run).join(" vs ") +
     (info.examples ? ` · ${info.test_images.toLocaleString()} test images` : " · no test set loaded");
   for (const c of info.classes) $("class").append(el("option", { value: c, text: c }));
+  for (const name of info.samples) {
+    const b = el("button", { id: `photo-${name}`, type: "button", text: name });
+    b.addEventListener("click", () => photo(name));
+    $("photos").append(b);
+  }
   if (!info.examples) for (const id of ["random", "example", "class"]) $(id).disabled = true;
   buildColumns();
   clearPad();
