@@ -7,6 +7,7 @@ about a minute, later runs load it from torch's extension cache.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,45 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
             assert words in fused.why_unavailable()
         finally:
             fused._reset_for_tests()
+
+
+def test_no_compiler_is_one_clear_reason_and_torch_logs_nothing(monkeypatch, tmp_path,
+                                                                 caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # no cached build
+    monkeypatch.delenv("LENET_FUSED", raising=False)
+    broken = [tmp_path / f"broken{k}.cpp" for k in (1, 2)]
+    for source in broken:
+        source.write_text("#error deliberately broken\n")
+    monkeypatch.setattr(fused, "SOURCES", tuple(broken))  # fails at once, compiler or not
+    path = os.environ["PATH"]
+    # (CXX, PATH, the program reported missing); CXX None: unset, so torch runs c++
+    cases = [("/nowhere/g++", path, "/nowhere/g++"), (None, str(tmp_path), "c++")]
+    # A program that is there but is no compiler torch knows: torch logs a warning (which
+    # must not show), then its build fails.
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho fakecc 1.0\n")
+    fake.chmod(0o755)
+    cases.append((str(fake), path, None))
+    for cxx, search, missing in cases:
+        if cxx is None:
+            monkeypatch.delenv("CXX", raising=False)
+        else:
+            monkeypatch.setenv("CXX", cxx)
+        monkeypatch.setenv("PATH", search)
+        fused._reset_for_tests()
+        try:
+            assert fused.needs_build() == (missing is None)  # no "building..." for nothing
+            assert fused.load() is None
+            reason = fused.why_unavailable()
+            if missing:
+                assert reason == (f"no C++ compiler to build it ({missing} not found; "
+                                  "install g++ or set CXX)")
+            else:  # the build ran, and failed
+                assert reason.startswith("could not build it ("), reason
+        finally:
+            fused._reset_for_tests()
+    torch_said = [r.getMessage() for r in caplog.records if r.name.startswith("torch")]
+    assert torch_said == []
 
 
 def test_refuses_a_model_that_is_not_the_books():

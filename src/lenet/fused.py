@@ -47,8 +47,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -139,7 +141,7 @@ def needs_build() -> bool:
     build from torch's extension cache: for a caller that wants to say why it waits."""
     if disabled() or _loaded is not None or _cpu_problem() or _source_problem():
         return False
-    if _cached_build() is not None:
+    if _cached_build() is not None or _compiler_problem():
         return False
     try:
         from torch.utils import cpp_extension
@@ -184,12 +186,15 @@ def _build_and_load() -> _Loaded:
             return _Loaded(ext, None)
         except Exception:  # a damaged build: torch's loader below builds it again
             pass
+    problem = _compiler_problem()
+    if problem:
+        return _Loaded(None, problem)
     try:
         from torch.utils import cpp_extension
 
-        # torch prints nothing unless verbose, but warns (e.g. about the compiler's ABI);
-        # the library stays quiet and reports through why_unavailable() instead.
-        with warnings.catch_warnings(), _tools_on_path():
+        # torch prints nothing unless verbose, but warns and logs (e.g. about the compiler's
+        # ABI); the library stays quiet and reports through why_unavailable() instead.
+        with warnings.catch_warnings(), _tools_on_path(), _quiet("torch.utils.cpp_extension"):
             warnings.simplefilter("ignore")
             cpp_extension.verify_ninja_availability()
             ext = cpp_extension.load(name=_build_name(), sources=[str(s) for s in SOURCES],
@@ -202,6 +207,15 @@ def _build_and_load() -> _Loaded:
         # what a user can act on.
         said = next((line for line in lines if "error:" in line.lower()), lines[0])
         return _Loaded(None, f"could not build it ({type(e).__name__}: {said[:200]})")
+
+
+def _compiler_problem() -> str | None:
+    """The compiler torch's builder runs on Linux, when it is missing: said plainly, rather
+    than as the build command that failed."""
+    program = os.environ.get("CXX") or "c++"  # torch runs CXX as one program
+    if shutil.which(program) is None:
+        return f"no C++ compiler to build it ({program} not found; install g++ or set CXX)"
+    return None
 
 
 def _cached_build() -> Path | None:
@@ -274,6 +288,18 @@ def _build_name() -> str:
     key = b"".join(s.read_bytes() + str(s.resolve()).encode() for s in SOURCES)
     key += repr(CFLAGS).encode() + torch.__version__.encode()
     return f"lenet_fused_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """The named logger's warnings off for a while (torch's builder logs its own)."""
+    logger = logging.getLogger(logger_name)
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 @contextlib.contextmanager
