@@ -9,7 +9,7 @@ from lenet.data.batches import Batches
 from lenet.errors import DivergenceError
 from lenet.evaluate import evaluate
 from lenet.models import init_model
-from lenet.train import Callback, Trainer, make_optimizer
+from lenet.train import DIVERGED_LOSS, Callback, Trainer, make_optimizer
 
 
 def _toy(n, seed=0):
@@ -94,6 +94,25 @@ def test_divergence_stops_with_a_clear_message():
     trainer = Trainer(TrainSpec(epochs=2, batch_size=64), torch.device("cpu"))
     with pytest.raises(DivergenceError, match="epoch 1, step 1: .*lower learning rate"):
         trainer.fit(model, Batches(*_toy(128), 64), Batches(*_toy(64), 64))
+
+
+def test_a_finite_but_exploded_loss_is_divergence_and_a_merely_bad_one_is_not():
+    """ReLU at --lr 100 on Fashion-MNIST: the loss reaches ~1e17 yet stays finite, and the
+    run would sit at chance for all its epochs. A bad but sane network (loss in the tens)
+    trains on."""
+    def fit(scale: float) -> Trainer:
+        model = init_model(PRESETS["book"].model, seed=0)
+        with torch.no_grad():
+            model.fc3.weight.mul_(scale)  # logits `scale` times larger
+        trainer = Trainer(TrainSpec(epochs=1, batch_size=64), torch.device("cpu"))
+        trainer.fit(model, Batches(*_toy(128), 64), Batches(*_toy(64), 64))
+        return trainer
+
+    with pytest.raises(DivergenceError, match=r"epoch 1, step 1: the training loss reached "
+                       r"\d\.\d\de\+\d\d per example \(training diverged\)"):
+        fit(1e7)
+    bad = fit(60.0)
+    assert 20 < bad.history[0].train_loss < DIVERGED_LOSS  # bad, and not stopped
 
 
 def test_divergence_is_caught_at_the_step_it_happens():

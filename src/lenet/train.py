@@ -21,6 +21,10 @@ from lenet.sgd import SGD
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
                   "examples_per_s")
+# Mean training loss (nats per example) past which the weights have blown up, even while the
+# loss is still a finite number: chance is ln(classes), 2.3 for ten, and a network that is
+# merely bad stays within tens (ReLU at --lr 100 reaches ~1e17 and never comes back).
+DIVERGED_LOSS = 1e4
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,7 @@ class Trainer:
             correct += resume["correct"].to(self.device)
         world = self.dist.world if self.dist is not None else 1
         steps = len(train)
+        seen = skip * train.batch_size  # examples in loss_sum, for the guard (about: enough)
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
             lr = lr_at(self.spec, (epoch - 1) * steps + step - 1, self.spec.epochs * steps)
             if self.fused is not None:  # forward, loss, backward and update in one call
@@ -280,9 +285,11 @@ class Trainer:
             # Metrics stay on the device; host syncs are only the guard's and the epoch's.
             loss_sum += loss_total
             correct += right
-            if self.guard_every and step % self.guard_every == 0 and \
-                    not math.isfinite(loss_sum.item()):  # sync
-                self._diverged(epoch, step)
+            seen += y.shape[0]
+            if self.guard_every and step % self.guard_every == 0:
+                total_now = loss_sum.item()  # sync
+                if not total_now < DIVERGED_LOSS * seen:  # a NaN fails this test too
+                    self._diverged(epoch, step, total_now / seen)
             self._call("on_step", step)
             if self.stop_requested and step < steps:
                 self.partial = {"step": step, "generator": gen_state,
@@ -292,9 +299,9 @@ class Trainer:
                 raise TrainingInterrupted(epoch, step)
         if self.dist is not None:
             distributed.sum_(loss_sum, correct)
-        if not torch.isfinite(loss_sum):  # sync
-            self._diverged(epoch, len(train))
-        train_loss = loss_sum.item() / train.num_examples
+        train_loss = loss_sum.item() / train.num_examples  # sync
+        if not train_loss < DIVERGED_LOSS:
+            self._diverged(epoch, len(train), train_loss)
         train_acc = correct.item() / train.num_examples
         loop_s = spent + time.perf_counter() - t0
         forward = self.fused.forward if self.fused else None
@@ -307,10 +314,12 @@ class Trainer:
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)
 
-    def _diverged(self, epoch: int, step: int) -> None:
+    def _diverged(self, epoch: int, step: int, loss: float) -> None:
         where = f"step {step}" if self.guard_every == 1 else f"by step {step}"
+        what = (f"reached {loss:.3g} per example" if math.isfinite(loss) else
+                "is not finite")
         raise DivergenceError(
-            f"epoch {epoch}, {where}: the training loss is not finite (training diverged); "
+            f"epoch {epoch}, {where}: the training loss {what} (training diverged); "
             f"try a lower learning rate than {self.spec.lr}")
 
     def _apply_resume(self, state: dict) -> None:
