@@ -13,7 +13,8 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others
+        if hasattr(os, "fchmod"):  # POSIX (Windows has it from Python 3.13, and no modes)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -251,6 +251,8 @@ def _cached_build() -> Path | None:
 
 
 def _cpu_problem() -> str | None:
+    if os.name == "nt":  # torch builds with MSVC there; the kernel's flags are GCC's
+        return "needs Linux or macOS with GCC or Clang (on Windows: WSL2)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs an x86-64 CPU with AVX2 and FMA, this is {platform.machine()}"
     flags = _cpuinfo_flags()

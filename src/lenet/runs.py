@@ -57,12 +57,8 @@ class RunFolder:
     def lock(self) -> None:
         """Hold an exclusive lock on the folder for as long as this process lives, so two
         trainings never interleave their files in one folder."""
-        import fcntl
-
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             os.close(fd)
             holder = (self.path / ".lock").read_text().strip() or "another process"
             raise RunFolderError(f"{self.path}: in use by another lenet train ({holder}); "
@@ -194,3 +190,30 @@ class RunWriter(Callback):
                 f"{mean_examples_per_s(trainer.history):,.0f} examples/s in the training loop\n")
         self.folder.write_text(self.folder.summary, text)
 
+
+# Windows locks byte ranges, and a locked range cannot be read by others: the lock takes a
+# byte far past the file's text (the holder's pid, which a refused process reads).
+_WINDOWS_LOCK_BYTE = 1 << 30
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock on the open file `fd`, without waiting, released when `fd` closes:
+    flock on POSIX, msvcrt.locking on Windows. False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_BYTE, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -452,6 +452,8 @@ def Retry(max_retry: int):  # noqa: N802 - a class made on first use: optuna imp
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if os.name == "nt":  # there os.kill(pid, 0) would end the process: no check, assume alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
