@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,20 @@ def test_an_invalid_sampled_config_fails_its_trial_with_the_reason(tmp_path, cap
     text = capsys.readouterr().out
     assert "trial 0: fail (conv3: a 5x5 kernel with padding 0 does not fit" in text
     assert "no trial completed: no best.json" in text and not (out / "best.json").exists()
+
+
+def test_a_diverging_recipe_is_pruned_with_the_reason_so_the_sampler_learns(tmp_path, capsys,
+                                                                            isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=300, n_test=60)
+    space = write(tmp_path, 'preset = "modern"\n[space.train]\nlr = {choices = [100.0]}\n')
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--space", str(space), "--n-trials", "1", "--epochs", "2",
+                     "--data", str(data), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"trial 0: pruned \(epoch 1, step \d+: the training loss (reached "
+                     r"\S+ per example|is not finite) \(training diverged\)", text), text
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'sweep.db'}")
+    assert [t.state.name for t in study.trials] == ["PRUNED"]  # TPE ignores failed trials
 
 
 def test_workers_refuse_sqlite(tmp_path, capsys):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lenet.config import DEVICES
-from lenet.errors import ConfigError, LenetError
+from lenet.errors import ConfigError, DivergenceError, LenetError
 
 
 def add_parser(verbs) -> None:
@@ -172,7 +172,13 @@ def _objective(trial, space, ds, job: dict, device) -> float:
         return _train(trial, cfg, folder, ds, device)
     except optuna.TrialPruned:
         raise
-    except LenetError as e:  # an invalid or diverging recipe: the trial fails, with why
+    except DivergenceError as e:
+        # Pruned, not failed: TPE learns from pruned trials (one with no epoch reported
+        # ranks as the worst) and ignores failed ones, so it would keep sampling the
+        # learning rates that blow up.
+        trial.set_user_attr(sweep.ERROR_ATTR, _one_line(e))
+        raise optuna.TrialPruned(_one_line(e)) from None
+    except LenetError as e:  # an invalid recipe: the trial fails, with why
         trial.set_user_attr(sweep.ERROR_ATTR, _one_line(e))
         raise
     finally:

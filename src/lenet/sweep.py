@@ -55,9 +55,9 @@ PADDINGS = ("first", "same", "valid")
 DENSE_SHRINK = 0.7
 TOP_KEYS = ("preset", "fixed", "space")
 OBJECTIVE = "test_acc"  # final-epoch test accuracy: what `lenet train --config best.json` gives
-# A failed trial with this user attribute failed for a reason of its own (an invalid or
-# diverging config) and counts towards --n-trials; one without it lost its worker and is
-# retried instead.
+# A failed trial with this user attribute failed for a reason of its own (an invalid config)
+# and counts towards --n-trials; one without it lost its worker and is retried instead. On a
+# pruned trial it says why the recipe diverged.
 ERROR_ATTR = "error"
 
 
@@ -525,7 +525,7 @@ def trial_rows_of(trials) -> list[dict]:
             note = f"retry of #{t.system_attrs['failed_trial']}"
         if not note and t.state.name == "FAIL":
             note = "worker lost; retried"
-        if t.state.name == "PRUNED":
+        if t.state.name == "PRUNED" and not note:  # a note here: why it diverged
             last = max(t.intermediate_values) if t.intermediate_values else 0
             note = f"pruned after epoch {last}"
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
