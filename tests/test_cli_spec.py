@@ -122,3 +122,15 @@ def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isol
     with Image.open(png) as im:
         assert im.size[0] > 600 and im.convert("L").getextrema()[0] < 200  # not blank
     assert cli.main(["compare", str(tmp_path / "nope")]) == 1
+    # The format follows the name: SVG and PDF too; any other suffix is refused at once.
+    heads = {".svg": b"<?xml", ".pdf": b"%PDF-", ".PNG": b"\x89PNG"}
+    for suffix, head in heads.items():
+        out = tmp_path / f"cmp{suffix}"
+        assert cli.main(["compare", str(tmp_path / "sig"), "--out", str(out)]) == 0
+        assert out.read_bytes().startswith(head), suffix
+    capsys.readouterr()
+    jpg = tmp_path / "cmp.jpg"
+    assert cli.main(["compare", str(tmp_path / "sig"), "--out", str(jpg)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and not jpg.exists()  # before the table
+    assert err == f"lenet: error: {jpg}: a figure is written as .png, .svg or .pdf, not '.jpg'\n"

@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = verbs.add_parser("compare", help="table and curves of several runs side by side")
     c.add_argument("runs", metavar="RUN_DIR", nargs="+")
-    c.add_argument("--out", help="PNG of the overlaid curves (default compare.png)")
+    c.add_argument("--out", metavar="FILE", help="the overlaid curves as .png, .svg or .pdf "
+                   "(default compare.png)")
 
     d = verbs.add_parser("data", help="where each data set is; 'data fetch NAME' downloads")
     d.add_argument("action", nargs="?", choices=("fetch",))
@@ -467,6 +468,8 @@ def cmd_compare(a) -> int:
     from lenet.models import build, num_params
     from lenet.runs import RunFolder, read_history
 
+    out = Path(a.out or "compare.png")
+    plots.figure_format(out)  # a wrong suffix fails before the table
     runs = []
     for path in a.runs:
         folder = RunFolder(path)
@@ -482,7 +485,6 @@ def cmd_compare(a) -> int:
         secs = f"{sum(m.seconds for m in history):.1f}"
         print(f"{folder.path.name[:28]:<28} {num_params(build(cfg.model)):>8,} {final:>9} "
               f"{best:>8} {secs:>8}  {diff}")
-    out = Path(a.out or "compare.png")
     plots.compare_curves([(folder.path.name, history) for folder, _, history in runs], out)
     print(f"curves: {out}")
     return 0

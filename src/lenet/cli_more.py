@@ -44,7 +44,8 @@ def add_parsers(verbs) -> None:
                    help="a noise image (repeatable)")
     a.add_argument("--seed", type=int, default=0, metavar="N", help="seed for --noise (default 0)")
     a.add_argument("--blank", action="store_true", help="a blank (black) image")
-    a.add_argument("--out", metavar="FILE.png", help="figure (default RUN_DIR/activations.png)")
+    a.add_argument("--out", metavar="FILE", help="the figure as .png, .svg or .pdf (default "
+                   "RUN_DIR/activations.png)")
     a.add_argument("--checkpoint", **ckpt)
 
     e = verbs.add_parser("export", help="export a trained run (ONNX), checked against "
@@ -133,6 +134,7 @@ def cmd_activations(a) -> int:
     out = Path(a.out) if a.out else run.folder / "activations.png"
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: no such folder {out.parent}")
+    plots.figure_format(out)
 
     images = np.stack([p.image for p in probes])
     layers = inspect.conv_activations(run.model)

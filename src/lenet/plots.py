@@ -1,5 +1,5 @@
-"""Every figure, saved as PNG. matplotlib is imported lazily: `lenet summary` and the
-hot loop never pay for it."""
+"""Every figure, saved as PNG (or SVG or PDF, by the file name a user gives). matplotlib is
+imported lazily: `lenet summary` and the hot loop never pay for it."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lenet.errors import ConfigError
 from lenet.files import atomic_write
+
+# A figure's format, from its file name's suffix.
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def figure_format(path: str | Path) -> str:
+    """The format a figure at `path` is written in; a ConfigError for any other suffix (a
+    PNG named .jpg would be garbage to whatever opens it)."""
+    suffix = Path(path).suffix
+    fmt = FORMATS.get(suffix.lower())
+    if fmt is None:
+        got = f"'{suffix}'" if suffix else "no suffix"
+        raise ConfigError(f"{path}: a figure is written as .png, .svg or .pdf, not {got}")
+    return fmt
 
 
 def pyplot():
@@ -84,8 +99,7 @@ def training_curves(history, path: Path, title: str = "") -> None:
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    _save(fig, path)
 
 
 def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
@@ -103,14 +117,14 @@ def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
         ax.grid(True, alpha=0.3)
     acc_ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    _save(fig, path)
 
 
-def _save_png(fig, path: Path) -> None:
-    plt = pyplot()
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+def _save(fig, path: str | Path) -> None:
+    """Write `fig` in the format its file name says, atomically, and free it."""
+    fmt = figure_format(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format=fmt))
+    pyplot().close(fig)
 
 
 def _framed(ax) -> None:
@@ -193,7 +207,7 @@ def activations_figure(images, row_labels, maps: dict, path: Path, *, max_maps: 
         bar.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
-    _save_png(fig, path)
+    _save(fig, path)
 
 
 def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
@@ -226,7 +240,7 @@ def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
     ax.set_title((f"{title}\n" if title else "") +
                  f"{int(cm.sum()):,} images, accuracy {accuracy:.4f}", fontsize=9)
     fig.tight_layout()
-    _save_png(fig, path)
+    _save(fig, path)
 
 
 def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int = 32,
@@ -254,7 +268,7 @@ def misclassified_gallery(images, true, pred, probs, classes, path: Path, n: int
     fig.suptitle(title or f"misclassified: true class, then → prediction and its probability "
                  f"({count} shown)", fontsize=9)
     fig.tight_layout()
-    _save_png(fig, path)
+    _save(fig, path)
 
 
 def sweep_figures(study, folder: Path) -> dict[str, str]:
