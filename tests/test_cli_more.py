@@ -77,6 +77,8 @@ def test_predict_json_is_one_document_in_input_order(run, pictures, capsys, isol
     (["activations", "{run}", "--image", "{tmp}/gone.png"], "{tmp}/gone.png: no such file"),
     (["activations", "{run}", "--sample", "cat", "--out", "{tmp}/a.jpg"],
      "{tmp}/a.jpg: a figure is written as .png, .svg or .pdf, not '.jpg'"),
+    (["activations", "{run}", "--noise", "uniform", "--seed", "-1"],
+     "--seed -1: expected a non-negative integer"),
     (["activations", "{run}", "--sample", "cat", "--per-class", "0"],
      "--per-class 0: expected a positive integer"),
     (["export", "{run}", "--out", "{tmp}/no/m.onnx"], "--out {tmp}/no/m.onnx: no such folder"),

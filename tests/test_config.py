@@ -35,6 +35,8 @@ def test_override_keeps_unset_values():
     (lambda d: d["train"].update(epochs=0), "train.epochs"),
     (lambda d: d["train"].update(lr=-1), "train.lr"),
     (lambda d: d["train"].update(device="tpu"), "train.device"),
+    (lambda d: d["train"].update(seed=-1), r"train.seed: expected 0 <= seed < 2\*\*63"),
+    (lambda d: d["train"].update(seed=2**63), r"train.seed: expected 0 <= seed < 2\*\*63"),
     (lambda d: d["model"].update(dense="120"), "model.dense"),
     (lambda d: d["model"].update(convs=[[6, 5, 2], [16, "5"]]), r"model.convs\[2\].kernel"),
 ])

@@ -108,6 +108,11 @@ def test_bad_space_via_the_cli_is_one_line(tmp_path, capsys):
     assert cli.main(["sweep", "--space", str(path), "--n-trials", "0",
                      "--out", str(tmp_path / "s")]) == 1
     assert "--n-trials 0: expected a positive integer" in capsys.readouterr().err
+    for seed, workers, top in (("-1", "1", "4,294,967,295"), ("4294967295", "2", "4,294,967,294")):
+        assert cli.main(["sweep", "--space", str(path), "--n-trials", "2", "--seed", seed,
+                         "--workers", workers, "--out", str(tmp_path / "s")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"lenet: error: --seed {seed}: expected 0 to {top}\n", err
 
 
 def test_storage_choice():

@@ -50,6 +50,9 @@ def cmd_sweep(a) -> int:
                                ("--epochs", a.epochs, 1), ("--heartbeat", a.heartbeat, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} {value}: expected a positive integer")
+    top = 2**32 - a.workers  # Optuna's sampler takes 0..2**32-1, and worker i adds i
+    if a.seed is not None and not 0 <= a.seed <= top:
+        raise ConfigError(f"--seed {a.seed}: expected 0 to {top:,}")
     space = _load_space(a.space, a.epochs)
     out = Path(a.out)
     storage = sweep.choose_storage(a.storage, out, a.workers)

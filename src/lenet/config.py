@@ -116,8 +116,8 @@ class TrainSpec:
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
         _choice("train.device", self.device, DEVICES)
-        if self.seed < 0:
-            raise ConfigError(f"train.seed: expected >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # torch's generators take a signed 64-bit seed
+            raise ConfigError(f"train.seed: expected 0 <= seed < 2**63, got {self.seed}")
 
 
 @dataclass(frozen=True)

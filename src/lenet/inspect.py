@@ -150,6 +150,8 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
         raise ConfigError("choosing test images needs the run's data set")
     if per_class < 1:
         raise ConfigError(f"--per-class {per_class}: expected a positive integer")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: expected a non-negative integer")
     probes = []
     for k in class_indices(class_names, classes):
         found = first_of_class(split.labels, k, per_class)
