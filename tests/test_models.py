@@ -85,3 +85,34 @@ def test_bad_spec_values_are_rejected():
         ModelSpec(activation="softplus")
     with pytest.raises(ConfigError, match="convs"):
         ModelSpec(convs=(ConvSpec(0, 5),))
+
+
+@pytest.mark.parametrize("spec", [p.model for p in PRESETS.values()] + [
+    ModelSpec(convs=(ConvSpec(8, 3, 1),), dense=(), batch_norm=True, dropout=0.2),
+    ModelSpec(convs=(ConvSpec(4, 7, 3), ConvSpec(8, 5, 2), ConvSpec(16, 3, 1)), dense=(50, 20),
+              num_classes=26, image_size=32)])
+def test_the_parameter_count_before_building_is_the_built_ones(spec):
+    from lenet.models import spec_params
+
+    c, s, _ = feature_shapes(spec)[-1][1]
+    assert spec_params(spec, c * s * s) == num_params(build(spec))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dense": (10**9,)}, "model: 411,000,002,582 parameters, at most 100,000,000"),
+    ({"convs": (ConvSpec(100_000, 5, 2),)}, "model: its conv layers output 78,400,000 values "
+                                            "per image, at most 4,000,000"),
+    ({"image_size": 100_000}, "model: its conv layers output"),
+])
+def test_a_spec_far_too_large_is_refused_before_anything_is_allocated(change, message):
+    import dataclasses
+    import tracemalloc
+
+    spec = dataclasses.replace(ModelSpec(), **change)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            build(spec)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20  # nothing of the model's size
+    finally:
+        tracemalloc.stop()

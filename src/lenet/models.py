@@ -14,11 +14,20 @@ _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu":
 _POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
+# Far beyond any LeNet-sized network (the book's: 61,706 parameters, 6,304 conv outputs per
+# image), and still within a laptop's memory for a batch of 128: a spec past these is a typo
+# (an extra zero or two) that would otherwise end in an allocation error or the OOM killer.
+MAX_PARAMS = 100_000_000
+MAX_CONV_VALUES = 4_000_000  # conv outputs per image, summed over the conv layers
+
+
 def feature_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """Output shape after each conv and pool, computed before any layer exists, so a spec
-    whose feature maps vanish is rejected with the layer's name instead of a torch error."""
+    whose feature maps vanish, or that is far too large to train, is rejected with the
+    reason instead of a torch error."""
     c, s = spec.in_channels, spec.image_size
     shapes = []
+    values = 0
     for i, conv in enumerate(spec.convs, 1):
         out = s + 2 * conv.padding - conv.kernel + 1
         if out < 1:
@@ -26,13 +35,37 @@ def feature_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
                 f"conv{i}: a {conv.kernel}x{conv.kernel} kernel with padding {conv.padding} "
                 f"does not fit its {c}x{s}x{s} input (output would be {out}x{out})")
         c, s = conv.channels, out
+        values += c * s * s
         shapes.append((f"conv{i}", (c, s, s)))
         if s // spec.pool < 1:
             raise ConfigError(f"pool{i}: a {spec.pool}x{spec.pool} pool does not fit its "
                               f"{c}x{s}x{s} input (output would be 0x0)")
         s //= spec.pool
         shapes.append((f"pool{i}", (c, s, s)))
+    if values > MAX_CONV_VALUES:
+        raise ConfigError(f"model: its conv layers output {values:,} values per image, at "
+                          f"most {MAX_CONV_VALUES:,} (the book's: 6,304); fewer channels "
+                          "or a smaller --resize")
+    params = spec_params(spec, c * s * s)
+    if params > MAX_PARAMS:
+        raise ConfigError(f"model: {params:,} parameters, at most {MAX_PARAMS:,} (the "
+                          "book's: 61,706); narrower layers, or more pooling before the "
+                          "dense ones")
     return shapes
+
+
+def spec_params(spec: ModelSpec, flat: int) -> int:
+    """The parameters `build(spec)` will have, counted without building it; `flat` is the
+    width of the flattened conv output."""
+    c, params = spec.in_channels, 0
+    norm = 2 if spec.batch_norm else 0  # BatchNorm's weight and bias per channel
+    for conv in spec.convs:
+        params += c * conv.channels * conv.kernel**2 + conv.channels * (1 + norm)
+        c = conv.channels
+    for hidden in spec.dense:
+        params += flat * hidden + hidden * (1 + norm)
+        flat = hidden
+    return params + flat * spec.num_classes + spec.num_classes
 
 
 def build(spec: ModelSpec) -> nn.Sequential:
