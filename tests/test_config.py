@@ -39,6 +39,9 @@ def test_override_keeps_unset_values():
     (lambda d: d["train"].update(seed=2**63), r"train.seed: expected 0 <= seed < 2\*\*63"),
     (lambda d: d["model"].update(dense="120"), "model.dense"),
     (lambda d: d["model"].update(convs=[[6, 5, 2], [16, "5"]]), r"model.convs\[2\].kernel"),
+    (lambda d: d["model"].update(convs=[[6, 5, 2, 7]]), r"model.convs\[1\]: expected "
+     r"\[channels, kernel\] or \[channels, kernel, padding\], got \[6, 5, 2, 7\]"),
+    (lambda d: d["model"].update(convs=[[6]]), r"model.convs\[1\]: expected \[channels"),
 ])
 def test_bad_config_values_are_named(mutate, message):
     d = json.loads(preset("book").to_json())

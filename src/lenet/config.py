@@ -210,6 +210,9 @@ def _convert(tp, v, where):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if tp is ConvSpec and isinstance(v, (list, tuple)):  # compact [channels, kernel, padding]
+            if not 2 <= len(v) <= 3:
+                raise ConfigError(f"{where}: expected [channels, kernel] or [channels, kernel, "
+                                  f"padding], got {list(v)!r}")
             v = dict(zip(("channels", "kernel", "padding"), v, strict=False))
         return _from_dict(tp, v, where)
     if origin is tuple:
