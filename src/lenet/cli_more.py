@@ -183,8 +183,11 @@ def cmd_export(a) -> int:
     classes = class_names(cfg)
     size = cfg.model.image_size
     try:  # the export is checked on real test images when they are at hand
+        from lenet.predict import fit_size
+
         ds = _load_data(cfg.data.name, download=False)
-        images, what = ds.test.images[:CHECK_IMAGES], f"test images of {ds.name}"
+        images = fit_size(ds.test.images[:CHECK_IMAGES], size)  # a --resize run's size
+        what = f"test images of {ds.name}"
     except DataError:
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (CHECK_IMAGES, size, size), dtype=np.uint8)

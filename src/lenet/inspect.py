@@ -136,10 +136,11 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
     blank image. With no selector: two Pullovers and two Coats when the classes exist (the
     pair the network confuses most), else the first four test images. `split` (images,
     labels) is needed for class names, indices and the default."""
-    from lenet.predict import load_image
+    from lenet.predict import fit_size, load_image
 
-    def from_test(i: int, name: str) -> Probe:
-        return Probe(name, split.images[i], classes[int(split.labels[i])])
+    def from_test(i: int, name: str) -> Probe:  # at the network's size (a --resize run's)
+        return Probe(name, fit_size(split.images[i:i + 1], size)[0],
+                     classes[int(split.labels[i])])
 
     nothing = not (class_names or indices or images or samples or noises or blank)
     if nothing:

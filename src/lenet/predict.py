@@ -208,8 +208,24 @@ def _fashion_mnist_style(gray: np.ndarray, alpha: np.ndarray | None, size: int) 
     return canvas
 
 
+def fit_size(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (N, H, W) at a network's input size: resized as `--resize` resizes the
+    training batches (bilinear, antialiased), rounded back to bytes; as they are when they
+    already fit. For a run trained with --resize, shown the data set's own images."""
+    if images.shape[-2:] == (size, size):
+        return images
+    from torch.nn import functional as F
+
+    x = torch.from_numpy(np.array(images, np.float32))[:, None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x[:, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
 def to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) or (H, W) -> float32 (N, 1, H, W) in [0, 1], as training sees them."""
+    if not images.flags.writeable:  # e.g. an HTTP body's bytes: torch warns on those
+        images = images.copy()
     x = torch.as_tensor(np.ascontiguousarray(images))
     if x.ndim == 2:
         x = x.unsqueeze(0)

@@ -19,7 +19,7 @@ import torch
 
 from lenet import inspect, samples
 from lenet.errors import ConfigError, LenetError
-from lenet.predict import ImageError, ImageTooLarge, decode_image, to_input
+from lenet.predict import ImageError, ImageTooLarge, decode_image, fit_size, to_input
 from lenet.report import LoadedRun, class_names, load_run
 from lenet.runs import RunFolder, read_history
 
@@ -137,13 +137,8 @@ def input_image(body: bytes, media_type: str, size: int) -> np.ndarray:
         if len(body) != RAW_SIDE * RAW_SIDE:
             raise Rejected(400, f"a raw body must be exactly {RAW_SIDE * RAW_SIDE} bytes "
                            f"({RAW_SIDE}x{RAW_SIDE} uint8, 0 = background); got {len(body):,}")
-        image = np.frombuffer(body, np.uint8).reshape(RAW_SIDE, RAW_SIDE).copy()
-        if size != RAW_SIDE:  # a run trained with --resize
-            from PIL import Image
-
-            image = np.asarray(Image.fromarray(image).resize((size, size),
-                                                             Image.Resampling.BILINEAR))
-        return image
+        image = np.frombuffer(body, np.uint8).reshape(1, RAW_SIDE, RAW_SIDE)
+        return fit_size(image, size)[0].copy()  # resized for a run trained with --resize
     try:
         return decode_image(body, "the request body", size, FORMATS, MAX_PIXELS)
     except ImageTooLarge as e:
