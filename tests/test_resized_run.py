@@ -1,8 +1,11 @@
-"""A run trained with --resize (its network takes N x N, the data set's images are 28 x 28):
-every verb that shows it the data set's own images resizes them as training did."""
+"""Runs whose input is not 28x28. One trained with --resize (its network takes N x N, the
+data set's images are 28 x 28): every verb that shows it the data set's own images resizes
+them as training did. One on a 32x32, 15-class IDX folder: its size and classes carry
+through every verb."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import warnings
 
 import numpy as np
@@ -78,3 +81,25 @@ def test_serve_resizes_a_raw_test_image_without_a_warning(resized):
     shown = np.frombuffer(base64.b64decode(answer["input"]["data"]), np.uint8)
     expected = fit_size(np.frombuffer(raw, np.uint8).reshape(1, 28, 28), SIZE)[0]
     assert np.array_equal(shown.reshape(SIZE, SIZE), expected)
+
+
+def test_a_32x32_15_class_idx_folder_through_every_verb(tmp_path, capsys):
+    """Any MNIST-format folder: its own image size and class count carry through."""
+    data = make_idx_folder(tmp_path / "data", n_train=150, n_test=45, size=32, classes=15)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "50",
+                     "--out", str(run), "--no-progress"]) == 0
+    assert cli.main(["summary", "--config", str(run / "config.json")]) == 0
+    assert "conv1     Conv2d              6x32x32" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(run)]) == 0
+    report = capsys.readouterr().out
+    assert "on data test set, 45 images" in report and "\n14 " in report  # 15 classes
+    assert cli.main(["activations", str(run), "--classes", "3,14", "--per-class", "1",
+                     "--sample", "cup", "--out", str(tmp_path / "a.png")]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert [r.split()[2] for r in rows[:2]] == ["3", "14"]
+    assert cli.main(["predict", str(run), str(tmp_path / "a.png"), "--json"]) == 0
+    assert len(capsys.readouterr().out) > 0
+    if all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript")):
+        assert cli.main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+        assert "(N, 1, 32, 32)" in capsys.readouterr().out
