@@ -72,3 +72,30 @@ def test_toml_configs_read_on_python_3_10_through_tomli(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
     path.write_text('preset = "modern"\n[train]\nlr = 0.05\n')
     assert read_config_file(path) == {"preset": "modern", "train": {"lr": 0.05}}
+
+
+def test_switching_a_momentum_preset_to_adam_drops_sgds_settings_unless_given():
+    from lenet.config import merge_config
+
+    for name in ("fast", "best"):  # both use Nesterov momentum 0.9
+        cfg = merge_config(preset(name), {"train": {"optimizer": "adamw"}}, "f.toml")
+        assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.nesterov) == ("adamw", 0, False)
+        with pytest.raises(ConfigError, match="train.momentum: only for sgd"):
+            merge_config(preset(name), {"train": {"optimizer": "adam", "momentum": 0.9}}, "f")
+    kept = merge_config(preset("fast"), {"train": {"lr": 0.05}}, "f")  # no switch: kept
+    assert (kept.train.momentum, kept.train.nesterov) == (0.9, True)
+
+
+def test_the_same_from_flags():
+    from lenet import cli
+
+    parser = cli._parser()
+    cfg = cli.build_config(parser.parse_args(["train", "--preset", "best", "--optimizer",
+                                              "adam"]))
+    assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.nesterov) == ("adam", 0, False)
+    with pytest.raises(ConfigError, match="train.momentum: only for sgd"):
+        cli.build_config(parser.parse_args(["train", "--preset", "best", "--optimizer", "adam",
+                                            "--momentum", "0.9"]))
+    sgd = cli.build_config(parser.parse_args(["train", "--preset", "best", "--optimizer",
+                                              "sgd"]))
+    assert (sgd.train.momentum, sgd.train.nesterov) == (0.9, True)

@@ -176,7 +176,19 @@ def merge_config(base: RunConfig, partial: dict, where: str) -> RunConfig:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
+    train = partial.get("train")
+    if isinstance(train, dict) and isinstance(merged.get("train"), dict):
+        merged["train"].update(sgd_only_off(train.get("optimizer"), train))
     return _from_dict(RunConfig, merged, where)
+
+
+def sgd_only_off(optimizer, given) -> dict:
+    """Switching to Adam or AdamW drops the SGD-only settings a preset or file brought
+    (momentum, Nesterov: `fast` and `best` have both), unless `given` names them too: then
+    they stay, and are refused as any inconsistent config is."""
+    if optimizer not in ("adam", "adamw"):
+        return {}
+    return {k: off for k, off in (("momentum", 0.0), ("nesterov", False)) if k not in given}
 
 
 def _choice(name, value, allowed):
