@@ -84,6 +84,9 @@ def test_switching_a_momentum_preset_to_adam_drops_sgds_settings_unless_given():
             merge_config(preset(name), {"train": {"optimizer": "adam", "momentum": 0.9}}, "f")
     kept = merge_config(preset("fast"), {"train": {"lr": 0.05}}, "f")  # no switch: kept
     assert (kept.train.momentum, kept.train.nesterov) == (0.9, True)
+    plain = merge_config(preset("fast"), {"train": {"momentum": 0}}, "f")  # plain SGD now
+    assert (plain.train.optimizer, plain.train.momentum, plain.train.nesterov) == ("sgd", 0,
+                                                                                   False)
 
 
 def test_the_same_from_flags():
@@ -99,3 +102,9 @@ def test_the_same_from_flags():
     sgd = cli.build_config(parser.parse_args(["train", "--preset", "best", "--optimizer",
                                               "sgd"]))
     assert (sgd.train.momentum, sgd.train.nesterov) == (0.9, True)
+    plain = cli.build_config(parser.parse_args(["train", "--preset", "fast", "--momentum",
+                                                "0"]))
+    assert (plain.train.momentum, plain.train.nesterov) == (0, False)
+    with pytest.raises(ConfigError, match="train.nesterov: needs optimizer sgd with momentum"):
+        cli.build_config(parser.parse_args(["train", "--preset", "fast", "--momentum", "0",
+                                            "--nesterov"]))

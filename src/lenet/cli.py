@@ -27,11 +27,11 @@ from lenet.config import (
     SCHEDULES,
     ConvSpec,
     RunConfig,
+    inherited_momentum_off,
     merge_config,
     override,
     preset,
     read_config_file,
-    sgd_only_off,
 )
 from lenet.errors import ConfigError, LenetError
 
@@ -157,8 +157,9 @@ def build_config(a) -> RunConfig:
                    dropout=getattr(a, "dropout", None))
     cfg = override(cfg, "data", name=_data_name(getattr(a, "data", None)), resize=a.resize)
     if hasattr(a, "epochs"):
-        given = {k for k in ("momentum", "nesterov") if getattr(a, k) is not None}
-        cfg = override(cfg, "train", **sgd_only_off(a.optimizer, given))
+        given = {k: getattr(a, k) for k in ("optimizer", "momentum", "nesterov")
+                 if getattr(a, k) is not None}
+        cfg = override(cfg, "train", **inherited_momentum_off(given))
         cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        optimizer=a.optimizer, momentum=a.momentum, nesterov=a.nesterov,
                        weight_decay=a.weight_decay, schedule=a.schedule, warmup=a.warmup,

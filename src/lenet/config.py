@@ -178,17 +178,21 @@ def merge_config(base: RunConfig, partial: dict, where: str) -> RunConfig:
             merged[key] = value
     train = partial.get("train")
     if isinstance(train, dict) and isinstance(merged.get("train"), dict):
-        merged["train"].update(sgd_only_off(train.get("optimizer"), train))
+        merged["train"].update(inherited_momentum_off(train))
     return _from_dict(RunConfig, merged, where)
 
 
-def sgd_only_off(optimizer, given) -> dict:
-    """Switching to Adam or AdamW drops the SGD-only settings a preset or file brought
-    (momentum, Nesterov: `fast` and `best` have both), unless `given` names them too: then
-    they stay, and are refused as any inconsistent config is."""
-    if optimizer not in ("adam", "adamw"):
-        return {}
-    return {k: off for k, off in (("momentum", 0.0), ("nesterov", False)) if k not in given}
+def inherited_momentum_off(given: dict) -> dict:
+    """What a change in `given` (train settings a user names) turns off of the momentum
+    settings a preset or file brought (`fast` and `best`: Nesterov momentum 0.9): switching
+    to Adam or AdamW drops momentum and Nesterov, and momentum 0 drops Nesterov, unless
+    `given` names them too (then they stay, and are refused as any inconsistent config)."""
+    off = {}
+    if given.get("optimizer") in ("adam", "adamw"):
+        off = {"momentum": 0.0, "nesterov": False}
+    elif given.get("momentum") == 0:
+        off = {"nesterov": False}
+    return {k: v for k, v in off.items() if k not in given}
 
 
 def _choice(name, value, allowed):
