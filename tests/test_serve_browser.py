@@ -175,5 +175,7 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
     shot = tmp_path / "serve.png"
     page.screenshot(path=str(shot), full_page=True)
     assert_picture(shot, (1200, 600), (3000, 3000))
+    page.set_viewport_size({"width": 420, "height": 900})  # a phone: no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
     assert outside == [] and problems == []
     page.close()
