@@ -63,3 +63,12 @@ def test_the_helper_imports_neither_torch_nor_the_trainer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_compared_run_gets_its_own_style():
+    from lenet.plots import run_styles
+
+    for n in (1, 10, 11, 25, 40):
+        styles = run_styles(n)
+        assert len(styles) == n == len(set(styles))
+    assert run_styles(5) == [(c, "-") for c, _ in run_styles(5)]  # up to 10: colours only

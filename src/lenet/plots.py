@@ -93,6 +93,7 @@ def training_curves(history, path: Path, title: str = "") -> None:
     ax.plot(epochs, [m.train_acc for m in history], "m--", label="train acc")
     ax.plot(epochs, [m.test_acc for m in history], "g-.", label="test acc")
     ax.set_xlabel("epoch")
+    _whole_epochs(ax)
     ax.set_xlim(0.5 if len(epochs) == 1 else min(epochs) - 0.1, max(epochs) + 0.1)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -102,20 +103,38 @@ def training_curves(history, path: Path, title: str = "") -> None:
     _save(fig, path)
 
 
+def _whole_epochs(ax) -> None:
+    """Epoch ticks at whole numbers (a 2-epoch run would get 1.2, 1.4, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def run_styles(n: int) -> list[tuple]:
+    """A (colour, line style) per run, all different: matplotlib's ten colours alone repeat
+    from the eleventh run (a sweep's trials compared at once), so then the line style
+    changes with each round of the colours."""
+    plt = pyplot()
+    colours = plt.get_cmap("tab10").colors
+    dashes = ("-", "--", ":", "-.")
+    return [(colours[i % 10], dashes[i // 10 % len(dashes)]) for i in range(n)]
+
+
 def compare_curves(runs: list[tuple[str, list]], path: Path) -> None:
-    """Test accuracy and train loss of several runs, overlaid, one colour per run."""
+    """Test accuracy and train loss of several runs, overlaid, one style per run."""
     plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for label, history in runs:
+    for (label, history), (colour, dash) in zip(runs, run_styles(len(runs)), strict=True):
         epochs = [m.epoch for m in history]
-        line, = acc_ax.plot(epochs, [m.test_acc for m in history], "-o", ms=3, label=label)
-        loss_ax.plot(epochs, [m.train_loss for m in history], "-o", ms=3,
-                     color=line.get_color(), label=label)
+        for ax, values in ((acc_ax, [m.test_acc for m in history]),
+                           (loss_ax, [m.train_loss for m in history])):
+            ax.plot(epochs, values, dash, marker="o", ms=3, color=colour, label=label)
     acc_ax.set(title="test accuracy", xlabel="epoch")
     loss_ax.set(title="train loss", xlabel="epoch")
     for ax in (acc_ax, loss_ax):
         ax.grid(True, alpha=0.3)
-    acc_ax.legend(fontsize=8)
+        _whole_epochs(ax)
+    acc_ax.legend(fontsize=8 if len(runs) <= 10 else 6, ncol=1 if len(runs) <= 12 else 2)
     fig.tight_layout()
     _save(fig, path)
 
