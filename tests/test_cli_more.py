@@ -66,6 +66,7 @@ def test_predict_json_is_one_document_in_input_order(run, pictures, capsys, isol
 
 @pytest.mark.parametrize("args, message", [
     (["predict", "{tmp}/nowhere", "x.png"], "{tmp}/nowhere: no such run folder"),
+    (["evaluate", "{run}/config.json"], "{run}/config.json: is a file, expected a run folder"),
     (["predict", "{run}", "x.png", "--top", "0"], "--top 0: expected a positive integer"),
     (["activations", "{run}", "--classes", "jumper"], "unknown class 'jumper': expected one "
      "of T-shirt/top, Trouser, Pullover"),

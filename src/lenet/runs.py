@@ -79,6 +79,8 @@ class RunFolder:
                                  f"'lenet train --resume {self.path}' or choose another --out")
 
     def read_config(self) -> RunConfig:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path}: is a file, expected a run folder")
         if not self.path.is_dir():
             raise RunFolderError(f"{self.path}: no such run folder")
         if not self.config.is_file():
