@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 
 import torch
+from step_speed import fused_step, ms_per_call  # benchmarks/, this script's folder
 
-from lenet import fused, models
+from lenet import fused
 from lenet.config import PRESETS
 
 
@@ -24,23 +24,17 @@ def main() -> int:
     p.add_argument("steps", type=int, nargs="?", default=3000)
     p.add_argument("--recipe", choices=("book", "fast"), default="book")
     a = p.parse_args()
-    cfg = PRESETS[a.recipe]
-    model = models.init_model(cfg.model, 0)
     if fused.load() is None:
         sys.exit(f"fused_loop: the kernel is not available here: {fused.why_unavailable()}")
-    step = fused.FusedStep.for_recipe(model, cfg.train)
+    batch = PRESETS[a.recipe].train.batch_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (cfg.train.batch_size, 1, 28, 28), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (cfg.train.batch_size,), generator=g)
-    for _ in range(50):  # warm: scratch buffers, threads
-        step.step(x, y, 0.1)
+    x = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=g)  # as trained
+    y = torch.randint(0, 10, (batch,), generator=g)
+    step = fused_step(a.recipe, x, y)
+    ms_per_call(step, 50)  # warm: scratch buffers, threads
     gc.freeze()  # as lenet train does once set up: no collections in the profile
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        step.step(x, y, 0.1)
-    ms = (time.perf_counter() - t) / a.steps * 1e3
-    print(f"{a.recipe}: {ms:.3f} ms per step of {cfg.train.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+    ms = ms_per_call(step, a.steps)
+    print(f"{a.recipe}: {ms:.3f} ms per step of {batch}, {torch.get_num_threads()} threads")
     return 0
 
 
