@@ -23,7 +23,8 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
                   "examples_per_s")
 # Mean training loss (nats per example) past which the weights have blown up, even while the
 # loss is still a finite number: chance is ln(classes), 2.3 for ten, and a network that is
-# merely bad stays within tens (ReLU at --lr 100 reaches ~1e17 and never comes back).
+# merely bad stays within tens (ReLU at --lr 100 reached ~5e17 over an epoch, at chance,
+# before this bound existed).
 DIVERGED_LOSS = 1e4
 
 
@@ -258,7 +259,6 @@ class Trainer:
             correct += resume["correct"].to(self.device)
         world = self.dist.world if self.dist is not None else 1
         steps = len(train)
-        seen = skip * train.batch_size  # examples in loss_sum, for the guard (about: enough)
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
             lr = lr_at(self.spec, (epoch - 1) * steps + step - 1, self.spec.epochs * steps)
             if self.fused is not None:  # forward, loss, backward and update in one call
@@ -285,8 +285,8 @@ class Trainer:
             # Metrics stay on the device; host syncs are only the guard's and the epoch's.
             loss_sum += loss_total
             correct += right
-            seen += y.shape[0]
             if self.guard_every and step % self.guard_every == 0:
+                seen = min(step * train.batch_size, train.num_examples)  # in loss_sum
                 total_now = loss_sum.item()  # sync
                 if not total_now < DIVERGED_LOSS * seen:  # a NaN fails this test too
                     self._diverged(epoch, step, total_now / seen)
