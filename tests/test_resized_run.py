@@ -29,6 +29,8 @@ def resized(tmp_path_factory):
     run = root / "run"
     assert cli.main(["train", "--data", str(data), "--resize", str(SIZE), "--epochs", "1",
                      "--batch-size", "50", "--out", str(run), "--no-progress"]) == 0
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "50",
+                     "--out", str(root / "full"), "--no-progress"]) == 0  # 28x28, to compare
     return run
 
 
@@ -70,12 +72,16 @@ def test_serve_resizes_a_raw_test_image_without_a_warning(resized):
 
     served = serve.load_served(resized)
     test = sources.load(served.run.config.data.name, download=False).test
-    with TestClient(serve.create_app([served], test)) as client:
+    full = serve.load_served(resized.parent / "full")
+    with TestClient(serve.create_app([served, full], test)) as client:
         raw = base64.b64decode(client.get("/api/example?index=3").json()["image"]["data"])
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. torch's on a read-only buffer
+            warnings.simplefilter("error")  # e.g. torch's on the body's read-only bytes
             answer = client.post("/api/predict", content=raw,
                                  headers={"Content-Type": "application/octet-stream"}).json()
+            as_is = client.post("/api/predict?model=1", content=raw,
+                                headers={"Content-Type": "application/octet-stream"}).json()
+    assert as_is["input"]["shape"] == [28, 28]  # a 28x28 run gets the bytes themselves
     assert answer["input"]["shape"] == [SIZE, SIZE]
     assert answer["feature_maps"]["conv1"]["shape"] == [6, SIZE, SIZE]
     shown = np.frombuffer(base64.b64decode(answer["input"]["data"]), np.uint8)

@@ -138,7 +138,7 @@ def input_image(body: bytes, media_type: str, size: int) -> np.ndarray:
             raise Rejected(400, f"a raw body must be exactly {RAW_SIDE * RAW_SIDE} bytes "
                            f"({RAW_SIDE}x{RAW_SIDE} uint8, 0 = background); got {len(body):,}")
         image = np.frombuffer(body, np.uint8).reshape(1, RAW_SIDE, RAW_SIDE)
-        return fit_size(image, size)[0].copy()  # resized for a run trained with --resize
+        return fit_size(image, size)[0]  # resized for a run trained with --resize
     try:
         return decode_image(body, "the request body", size, FORMATS, MAX_PIXELS)
     except ImageTooLarge as e:
