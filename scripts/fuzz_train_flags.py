@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from lenet.data.idx import write_idx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import make_idx_folder  # noqa: E402 - the test suite's small learnable data set
 
 CHOICES = {
     "--preset": ["book", "book-1.0", "modern", "fast", "best"],
@@ -40,19 +39,6 @@ CHOICES = {
 LENET = [sys.executable, "-m", "lenet"]
 
 
-def small_idx_folder(folder: Path, rng: np.random.Generator) -> Path:
-    """200 train and 60 test images of 10 classes: a bright bar at the class's height."""
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", 200), ("t10k", 60)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
-        for i, k in enumerate(labels):
-            images[i, 2 + 2 * k:4 + 2 * k, 4:24] = 220
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder
-
-
 def clean(r: subprocess.CompletedProcess) -> bool:
     err = r.stderr.strip().splitlines()
     if "Traceback" in r.stderr or "Warning" in r.stderr:
@@ -68,7 +54,7 @@ def main() -> int:
     a = p.parse_args()
     pick = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="lenet-fuzz-"))
-    data = small_idx_folder(root / "data", np.random.default_rng(a.seed))
+    data = make_idx_folder(root / "data", n_train=200, n_test=60, seed=a.seed)
     bad, trained = 0, []
     for n in range(a.runs):
         flags = []

@@ -3,6 +3,7 @@ numbers as PyTorch under onnxruntime."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(exported, tmp_path,
                                                               monkeypatch):
     from lenet import cli
 
-    monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     code = cli.main(["export", str(exported[0].folder), "--out", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err

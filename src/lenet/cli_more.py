@@ -173,6 +173,7 @@ def cmd_export(a) -> int:
     from lenet.cli import _load_data
     from lenet.errors import DataError
     from lenet.export import OPSET, ExportError, check_onnx, export_onnx
+    from lenet.predict import fit_size
     from lenet.report import class_names, load_run
 
     run = load_run(a.run, a.checkpoint)
@@ -183,8 +184,6 @@ def cmd_export(a) -> int:
     classes = class_names(cfg)
     size = cfg.model.image_size
     try:  # the export is checked on real test images when they are at hand
-        from lenet.predict import fit_size
-
         ds = _load_data(cfg.data.name, download=False)
         images = fit_size(ds.test.images[:CHECK_IMAGES], size)  # a --resize run's size
         what = f"test images of {ds.name}"
