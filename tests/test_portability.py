@@ -78,7 +78,7 @@ def test_on_windows_no_check_ends_a_worker(monkeypatch):
 def test_on_windows_the_fused_kernel_says_why_it_does_not_run(monkeypatch):
     monkeypatch.setattr(os, "name", "nt")
     try:
-        reason = fused._cpu_problem()
+        reason = fused._machine_problem()
     finally:
         monkeypatch.undo()
     assert reason == "needs Linux or macOS with GCC or Clang (on Windows: WSL2)"

@@ -139,7 +139,7 @@ def load() -> object | None:
 def needs_build() -> bool:
     """Whether `load()` would compile the kernel now (about a minute) rather than load a
     build from torch's extension cache: for a caller that wants to say why it waits."""
-    if disabled() or _loaded is not None or _cpu_problem() or _source_problem():
+    if disabled() or _loaded is not None or _machine_problem() or _source_problem():
         return False
     if _cached_build() is not None or _compiler_problem():
         return False
@@ -174,7 +174,7 @@ def disabled() -> bool:
 
 
 def _build_and_load() -> _Loaded:
-    problem = _cpu_problem() or _source_problem()
+    problem = _machine_problem() or _source_problem()
     if problem:
         return _Loaded(None, problem)
     cached = _cached_build()
@@ -250,7 +250,8 @@ def _cached_build() -> Path | None:
         return None
 
 
-def _cpu_problem() -> str | None:
+def _machine_problem() -> str | None:
+    """Why this machine cannot run the kernel at all: its OS or its CPU."""
     if os.name == "nt":  # torch builds with MSVC there; the kernel's flags are GCC's
         return "needs Linux or macOS with GCC or Clang (on Windows: WSL2)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
