@@ -236,9 +236,11 @@ def _data_name(value: str | None) -> str | None:
     if value is None:
         return None
     from lenet.data import sources
+    from lenet.data.layout import names_prefixed_set
 
     path = Path(value).expanduser()
-    if value in sources.DATASETS or not (os.sep in value or path.is_dir()):
+    if value in sources.DATASETS or not (os.sep in value or path.is_dir()
+                                         or names_prefixed_set(path)):
         return value  # a name (unknown ones are reported by sources.load)
     return str(path.resolve())
 
@@ -331,7 +333,8 @@ def _train(a, folders: list, painter=None) -> int:
                  + (f" ({_threads()})" if device.type == "cpu" else
                     f" ({torch.cuda.get_device_name(device)})"))
     progress.say(f"data {ds.name} from {ds.folder} ({ds.found_in}): "
-                 f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images")
+                 f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images"
+                 + ("; stored transposed, turned upright" if ds.transposed else ""))
     epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
     progress.say(f"preset {cfg.preset}: lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
                  f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")

@@ -11,7 +11,7 @@ import torch
 
 from lenet import checkpoint
 from lenet.config import RunConfig
-from lenet.data import sources
+from lenet.data import layout, sources
 from lenet.data.batches import Batches
 from lenet.errors import ConfigError, DataError
 from lenet.models import build
@@ -43,22 +43,21 @@ def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:
-    """The run's class names without loading (or downloading) its data: the registry's, a
-    data folder's classes.txt, else "0", "1", ... as `sources.load` names them."""
+    """The run's class names without loading (or downloading) its data: the registry's, the
+    data folder's (layout.class_names), else "0", "1", ... as `sources.load` names them."""
     n = cfg.model.num_classes
     name = cfg.data.name
     if name in sources.DATASETS and len(sources.DATASETS[name].classes) == n:
         return sources.DATASETS[name].classes
-    folder = Path(name)
-    listed = folder / "classes.txt"
-    if listed.is_file():
-        try:
-            names = tuple(s.strip() for s in listed.read_text("utf-8").splitlines() if s.strip())
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{listed}: cannot read class names ({e})") from None
-        if len(names) == n:
-            return names
-    registered = sources.DATASETS.get(folder.name)
+    folder, prefix = Path(name), None
+    try:
+        folder, prefix = layout.resolve(folder) or (folder, None)
+    except DataError:  # a folder of several sets now: the names are not this run's to guess
+        pass
+    listed = layout.class_names(folder, prefix) if folder.is_dir() else None
+    if listed is not None and len(listed[0]) == n:
+        return listed[0]
+    registered = sources.DATASETS.get(folder.name) if prefix is None else None
     if registered is not None and len(registered.classes) == n:
         return registered.classes
     return tuple(str(k) for k in range(n))

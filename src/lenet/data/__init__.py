@@ -1,10 +1,9 @@
 """Data sets: strict IDX files, where they are found, verified downloads, and loading."""
 
 from lenet.data.idx import read_idx, write_idx
+from lenet.data.layout import ROLES, STANDARD_FILES
 from lenet.data.sources import (
     DATASETS,
-    ROLES,
-    STANDARD_FILES,
     Dataset,
     DatasetInfo,
     Split,

@@ -22,19 +22,20 @@ from types import MappingProxyType
 import numpy as np
 
 from lenet.data.idx import read_idx
+from lenet.data.layout import (
+    ROLES,
+    STANDARD_FILES,
+    class_names,
+    names_prefixed_set,
+    prefixed_files,
+    resolve,
+    scan,
+    stored_transposed,
+)
 from lenet.errors import DataError, DownloadError, IDXError
 
 Report = Callable[[str], None]
 
-ROLES = ("train_images", "train_labels", "test_images", "test_labels")
-STANDARD_FILES: Mapping[str, str] = MappingProxyType(
-    {
-        "train_images": "train-images-idx3-ubyte.gz",
-        "train_labels": "train-labels-idx1-ubyte.gz",
-        "test_images": "t10k-images-idx3-ubyte.gz",
-        "test_labels": "t10k-labels-idx1-ubyte.gz",
-    }
-)
 SYSTEM_DATASETS = Path("/usr/share/datasets")
 _CHUNK = 1 << 20
 
@@ -126,7 +127,7 @@ class Split:
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A loaded data set; `found_in` says where: "--data", "$LENET_DATA", "cache", "system"
-    or "downloaded"."""
+    or "downloaded". `name` is a registered name, a folder's name, or a prefixed set's prefix."""
 
     name: str
     classes: tuple[str, ...]
@@ -134,6 +135,7 @@ class Dataset:
     test: Split
     folder: Path
     found_in: str
+    transposed: bool = False  # stored transposed (EMNIST) and turned upright when read
 
 
 def cache_root() -> Path:
@@ -149,34 +151,8 @@ def find_files(
     folder: str | os.PathLike[str], files: Mapping[str, str] = STANDARD_FILES
 ) -> dict[str, Path] | None:
     """The four files in `folder` by role, each as name.gz or raw; None if any is missing."""
-    found, missing = _scan(Path(folder), files)
+    found, missing = scan(Path(folder), files)
     return None if missing else found
-
-
-def _scan(folder: Path, files: Mapping[str, str]) -> tuple[dict[str, Path], list[str]]:
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for role in ROLES:
-        path = next((folder / n for n in _spellings(files[role]) if _is_file(folder / n)), None)
-        if path is None:
-            missing.append(files[role])
-        else:
-            found[role] = path
-    return found, missing
-
-
-def _spellings(name: str) -> list[str]:
-    raw = name.removesuffix(".gz")
-    # MNIST's own uncompressed files are spelled train-images.idx3-ubyte.
-    dotted = raw.replace("-idx", ".idx", 1)
-    return list(dict.fromkeys([name, raw, dotted, dotted + ".gz"]))
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a folder we may not list
-        return False
 
 
 def candidates(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, Path]]:
@@ -370,9 +346,11 @@ def load(
     """Load a registered data set by name, or the four IDX files in a folder.
 
     A name is looked for where `candidates` says and, if absent and `download` is true,
-    fetched into the cache. A folder may hold classes.txt (one class name per line); otherwise
-    the classes of the registered data set it is named after are used, else "0", "1", ... up to
-    the largest training label. Raises DataError (IDXError for malformed files) naming the file.
+    fetched into the cache. A path is a folder or FOLDER/PREFIX of a prefixed set (the layout
+    module says which files each means). Class names come from the folder (layout.class_names:
+    classes.txt, or a prefixed set's own list or EMNIST mapping), else from the registered data
+    set the folder is named after, else "0", "1", ... up to the largest training label. Raises
+    DataError (IDXError for malformed files) naming the file.
     """
     say = report or _quiet
     if isinstance(data, str) and data in DATASETS and not _looks_like_path(data):
@@ -390,17 +368,22 @@ def load(
             found_in = "downloaded"
         return _load_folder(folder, info.name, info.classes, info.files, found_in)
 
-    folder = Path(data).expanduser()
-    if not (isinstance(data, os.PathLike) or _looks_like_path(data) or folder.is_dir()):
+    path = Path(data).expanduser()
+    if not (isinstance(data, os.PathLike) or _looks_like_path(data) or path.is_dir()
+            or names_prefixed_set(path)):
         raise DataError(
             f"unknown data set {data!r}: expected one of {', '.join(DATASETS)}, "
             "or a folder holding the four IDX files"
         )
-    if not folder.is_dir():
+    where = resolve(path)
+    if where is None:
         raise DataError(
-            f"{folder}: no such folder, expected a folder holding the four IDX files "
+            f"{path}: no such folder, expected a folder holding the four IDX files "
             f"or a data set name ({', '.join(DATASETS)})"
         )
+    folder, prefix = where
+    if prefix is not None:
+        return _load_folder(folder, prefix, None, prefixed_files(prefix), "--data", prefix)
     info = DATASETS.get(folder.resolve().name)
     if info is None:
         return _load_folder(folder, folder.resolve().name, None, STANDARD_FILES, "--data")
@@ -425,8 +408,9 @@ def _load_folder(
     classes: tuple[str, ...] | None,
     files: Mapping[str, str],
     found_in: str,
+    prefix: str | None = None,
 ) -> Dataset:
-    paths, missing = _scan(folder, files)
+    paths, missing = scan(folder, files)
     if missing:
         raise DataError(
             f"{folder}: missing {', '.join(missing)}, expected the four IDX files (.gz or raw)"
@@ -439,10 +423,13 @@ def _load_folder(
             f"{paths['test_images']}: images are {_pixels(test_size)} pixels, "
             f"but {paths['train_images']} has {_pixels(train_size)}, expected the same size"
         )
+    transposed = stored_transposed(prefix)
+    if transposed:
+        train, test = _transposed(train), _transposed(test)
     source = f"the classes of {name}"
-    classes_txt = folder / "classes.txt"
-    if classes_txt.is_file():
-        classes, source = _read_classes(classes_txt), str(classes_txt)
+    listed = class_names(folder, prefix)
+    if listed is not None:
+        classes, source = listed[0], str(listed[1])
     elif classes is None:
         classes = tuple(str(k) for k in range(int(train.labels.max()) + 1))
         source = "one more than the largest training label"
@@ -455,7 +442,12 @@ def _load_folder(
         test=Split(test.images, test.labels.astype(np.int64)),
         folder=folder,
         found_in=found_in,
+        transposed=transposed,
     )
+
+
+def _transposed(split: Split) -> Split:
+    return Split(np.ascontiguousarray(split.images.transpose(0, 2, 1)), split.labels)
 
 
 def _read_split(images_path: Path, labels_path: Path) -> Split:
@@ -480,20 +472,6 @@ def _read_split(images_path: Path, labels_path: Path) -> Split:
 
 def _pixels(size: tuple[int, ...]) -> str:
     return "x".join(str(n) for n in size)
-
-
-def _read_classes(path: Path) -> tuple[str, ...]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read class names ({exc})") from exc
-    names = tuple(line.strip() for line in lines if line.strip())
-    if not names:
-        raise DataError(f"{path}: holds no class names, expected one per line")
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if twice is not None:
-        raise DataError(f"{path}: class name {twice!r} appears twice, expected unique names")
-    return names
 
 
 def _check_labels(labels: np.ndarray, path: Path, count: int, source: str) -> None:
