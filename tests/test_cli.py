@@ -239,3 +239,51 @@ def test_resume_refuses_every_flag_that_would_change_the_run(flag, capsys):
     assert cli.main(["train", "--resume", "any/run", *flag]) == 1
     err = capsys.readouterr().err
     assert f"{flag[0]} cannot change it" in err, err
+
+
+def test_a_reader_that_leaves_does_not_stop_training(tmp_path, isolated_env):
+    """`lenet train ... | head -1`: the pipe closes after the first line; the run still
+    trains every epoch, writes its folder and exits 0 (its lines are all in log.txt)."""
+    data = make_idx_folder(tmp_path / "data", n_train=600, n_test=64)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
+                             "--epochs", "3", "--batch-size", "32", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"lenet ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and err == ""
+    assert load(run / "last.ckpt")["epoch"] == 3
+    log = (run / "log.txt").read_text()
+    assert "epoch 3/3" in log and log.endswith(f"run folder: {run}\n")
+
+
+def test_output_outlives_reader_drops_output_after_a_broken_pipe(monkeypatch):
+    from lenet.outliving_stdout import output_outlives_reader
+
+    class Pipe:
+        def __init__(self):
+            self.lines, self.broken = [], False
+
+        def write(self, text):
+            if self.broken:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.lines.append(text)
+            return len(text)
+
+        def flush(self):
+            if self.broken:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise OSError("no descriptor")
+
+    pipe = Pipe()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    with output_outlives_reader():
+        print("one", flush=True)
+        pipe.broken = True
+        print("two", flush=True)  # would raise BrokenPipeError without the guard
+        pipe.broken = False
+        print("three", flush=True)  # once the reader left, nothing more is written
+    assert sys.stdout is pipe and pipe.lines == ["one", "\n"]

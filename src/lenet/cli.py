@@ -174,14 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from lenet import cli_more, cli_sweep
+        from lenet.outliving_stdout import output_outlives_reader
 
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-                "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS,
-                **cli_sweep.HANDLERS}[args.verb](args)
+        handler = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
+                   "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS,
+                   **cli_sweep.HANDLERS}[args.verb]
+        if args.verb in ("train", "sweep"):  # `lenet train | head` must not lose the run
+            with output_outlives_reader():
+                return handler(args)
+        return handler(args)
     except KeyboardInterrupt:
         print("lenet: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `lenet ... | head`: the reader left; nothing to report
+    except BrokenPipeError:  # `lenet evaluate ... | head`: the reader left; nothing to report
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit flush quiet
         return 0
     except (LenetError, OSError) as e:

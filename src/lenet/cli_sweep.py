@@ -118,8 +118,11 @@ def _spawn(job: dict, workers: int) -> None:
 
 
 def _worker_main(job: dict, worker: int) -> None:
+    from lenet.outliving_stdout import output_outlives_reader
+
     try:
-        _work(job, lambda line: _say(f"[w{worker}] {line}"), worker)
+        with output_outlives_reader():
+            _work(job, lambda line: _say(f"[w{worker}] {line}"), worker)
     except LenetError as e:
         print(f"lenet: error: [w{worker}] {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1) from None
