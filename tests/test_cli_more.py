@@ -64,6 +64,31 @@ def test_predict_json_is_one_document_in_input_order(run, pictures, capsys, isol
     assert len(err.splitlines()) == 2
 
 
+def test_predict_takes_a_folder_as_its_image_files_in_name_order(run, pictures, tmp_path,
+                                                                 capsys, isolated_env):
+    """pictures' folder: coat.jpg, line.png and notes.png (not an image, reported); a text
+    file, a hidden image and a sub-folder are skipped; an empty folder is one error line."""
+    folder = pictures[0].parent
+    (folder / "readme.txt").write_text("skipped: not an image suffix")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / ".hidden.png")
+    (folder / "sub.png").mkdir()
+    (tmp_path / "empty").mkdir()
+    args = ["predict", str(run), str(folder), str(tmp_path / "empty"), "--json"]
+    assert cli.main(args) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert [d["file"] for d in doc] == [str(folder / "coat.jpg"), str(folder / "line.png"),
+                                        str(folder / "notes.png"), str(tmp_path / "empty")]
+    assert "top" in doc[0] and "top" in doc[1] and doc[2]["error"].startswith("not a PNG")
+    assert doc[3]["error"] == ("holds no image files, expected .png, .jpg, .jpeg, .gif, .bmp, "
+                               ".tif, .tiff, .webp")
+    assert err.splitlines()[-1] == f"lenet: error: {tmp_path / 'empty'}: {doc[3]['error']}"
+    assert cli.main(["predict", str(run), str(folder / "coat.jpg")]) == 0
+    alone = capsys.readouterr().out
+    assert cli.main(["predict", str(run), str(folder)]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == alone.strip()
+
+
 @pytest.mark.parametrize("args, message", [
     (["predict", "{tmp}/nowhere", "x.png"], "{tmp}/nowhere: no such run folder"),
     (["evaluate", "{run}/config.json"], "{run}/config.json: is a file, expected a run folder"),

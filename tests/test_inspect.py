@@ -73,6 +73,15 @@ def test_class_names_match_case_insensitively_and_unknown_lists_them():
     assert str(e.value) == ("unknown class 'jumper': expected one of " + ", ".join(FASHION))
 
 
+def test_an_exact_class_name_wins_over_one_in_another_case():
+    balanced = ("0", "A", "B", "a", "b", "Dd", "dD")  # like EMNIST's balanced split
+    assert inspect.class_indices(["A", "a", "b", " B", "dD"], balanced) == [1, 3, 4, 2, 6]
+    assert inspect.class_indices(["Dd"], balanced) == [5]
+    with pytest.raises(ConfigError) as e:
+        inspect.class_indices(["dd"], balanced)
+    assert str(e.value) == "unknown class 'dd': expected 'Dd' or 'dD'"
+
+
 def _split():
     labels = np.array([4, 2, 2, 4, 2, 0, 4])
     images = np.arange(7, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)

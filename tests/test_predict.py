@@ -226,6 +226,14 @@ def test_predict_returns_top_classes_most_likely_first(tiny_run):
     assert not model.training
 
 
+def test_probabilities_are_the_same_in_batches(tiny_run, monkeypatch):
+    model = load_run(tiny_run).model
+    images = np.random.default_rng(1).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    whole = P.probabilities(model, images)
+    monkeypatch.setattr(P, "BATCH", 3)  # 3 + 3 + 3 + 1
+    assert np.allclose(P.probabilities(model, images), whole, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_an_8000_pixel_square_image_works(tmp_path):
     big = _figure(size=(8000, 8000))

@@ -21,7 +21,7 @@ def add_parsers(verbs) -> None:
     p = verbs.add_parser("predict", help="classify your own image files with a trained run")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("files", metavar="FILE", nargs="+",
-                   help="PNG, JPEG, GIF, BMP, TIFF or WebP, any size")
+                   help="PNG, JPEG, GIF, BMP, TIFF or WebP, any size; a folder: its image files")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--top", type=int, default=3, metavar="K",
                    help="classes shown per file (default 3)")
@@ -74,7 +74,7 @@ def cmd_predict(a) -> int:
     import numpy as np
 
     from lenet.errors import ConfigError
-    from lenet.predict import ImageError, load_image, predict
+    from lenet.predict import ImageError, image_files, load_image, predict
     from lenet.report import class_names, load_run
 
     if a.top < 1:
@@ -82,13 +82,16 @@ def cmd_predict(a) -> int:
     run = load_run(a.run, a.checkpoint)
     classes = class_names(run.config)
     images, results = [], []
-    for f in a.files:
-        try:
-            images.append(load_image(f, run.config.model.image_size))
-            results.append({"file": f})
-        except ImageError as e:
-            _err(str(e))  # the others are still predicted
-            results.append({"file": f, "error": e.reason})
+    for f, error in _image_paths(a.files, image_files):
+        if error is None:
+            try:
+                images.append(load_image(f, run.config.model.image_size))
+                results.append({"file": f})
+                continue
+            except ImageError as e:
+                error = e
+        _err(str(error))  # the others are still predicted
+        results.append({"file": f, "error": error.reason})
     good = [r for r in results if "error" not in r]
     if images:
         for r, top in zip(good, predict(run.model, np.stack(images), classes, a.top),
@@ -101,6 +104,23 @@ def cmd_predict(a) -> int:
             print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.2f}"
                                                for t in r["top"]))
     return 1 if len(good) < len(results) else 0
+
+
+def _image_paths(args: list[str], image_files) -> list[tuple[str, Exception | None]]:
+    """Each argument with None, a folder replaced by its image files; a folder with none (or
+    that cannot be listed) stays, with its ImageError to report in its place."""
+    from lenet.predict import ImageError
+
+    out: list[tuple[str, Exception | None]] = []
+    for f in args:
+        if not Path(f).is_dir():
+            out.append((f, None))
+            continue
+        try:
+            out += [(str(p), None) for p in image_files(f)]
+        except ImageError as e:
+            out.append((f, e))
+    return out
 
 
 def cmd_activations(a) -> int:

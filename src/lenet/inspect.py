@@ -100,15 +100,21 @@ def stats(acts: dict[str, torch.Tensor], activation: str = "sigmoid"
 
 
 def class_indices(names: Sequence[str], classes: Sequence[str]) -> list[int]:
-    """Class numbers for names matched case-insensitively (and ignoring surrounding
-    spaces); an unknown name is a ConfigError listing the valid ones."""
-    lookup = {c.strip().lower(): k for k, c in enumerate(classes)}
+    """Class numbers for names, ignoring surrounding spaces: the exact name first, else the
+    one name equal to it case-insensitively (EMNIST's balanced split has both "A" and "a").
+    An unknown name is a ConfigError listing the valid ones."""
+    exact = {c.strip(): k for k, c in enumerate(classes)}
     found = []
     for name in names:
-        k = lookup.get(name.strip().lower())
+        name = name.strip()
+        k = exact.get(name)
         if k is None:
-            raise ConfigError(f"unknown class '{name.strip()}': expected one of "
-                              f"{', '.join(classes)}")
+            alike = [k for k, c in enumerate(classes) if c.strip().lower() == name.lower()]
+            if len(alike) != 1:
+                expected = (" or ".join(repr(classes[k]) for k in alike) if alike
+                            else f"one of {', '.join(classes)}")
+                raise ConfigError(f"unknown class '{name}': expected {expected}")
+            k = alike[0]
         found.append(k)
     return found
 

@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from lenet.errors import DataError
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # never EPS & co: they run helpers
+# A folder given for prediction contributes its files with these suffixes (any case).
+SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+BATCH = 1024  # images per forward pass, so a folder of 100,000 stays within ~0.3 GB
 # 8,192 x 8,192 pixels: an 8,000 x 8,000 scan passes, a 20,000 x 20,000 one is refused.
 # Checked on the header before decoding. Peak memory is then the decode (4 bytes a pixel at
 # worst, ~270 MB) plus, for transparent images, Pillow's premultiplied copy: ~0.55 GB at most.
@@ -41,6 +44,20 @@ class ImageError(DataError):
 
 class ImageTooLarge(ImageError):
     """An image whose header declares more than MAX_PIXELS pixels (refused undecoded)."""
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder` (by suffix, hidden ones skipped), sorted by name.
+    Raises ImageError when it holds none or cannot be listed."""
+    folder = Path(folder)
+    try:
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES
+                       and not p.name.startswith(".") and p.is_file())
+    except OSError as exc:
+        raise ImageError(folder, f"cannot list the folder ({exc.strerror or exc})") from None
+    if not found:
+        raise ImageError(folder, f"holds no image files, expected {', '.join(SUFFIXES)}")
+    return found
 
 
 def load_image(path: str | Path, size: int = 28) -> np.ndarray:
@@ -239,8 +256,9 @@ def probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            logits = model(to_input(images).to(device))
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            return np.concatenate([
+                torch.softmax(model(to_input(images[i:i + BATCH]).to(device)).float(), dim=1)
+                .cpu().numpy() for i in range(0, len(images), BATCH)])
     finally:
         model.train(was_training)
 
