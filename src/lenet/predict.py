@@ -20,7 +20,7 @@ from lenet.errors import DataError
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # never EPS & co: they run helpers
 # A folder given for prediction contributes its files with these suffixes (any case).
 SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
-BATCH = 1024  # images per forward pass: the activations of a whole large folder at once would not fit
+BATCH = 1024  # images per forward pass: a large folder's activations at once would not fit
 # 8,192 x 8,192 pixels: an 8,000 x 8,000 scan passes, a 20,000 x 20,000 one is refused.
 # Checked on the header before decoding. Peak memory is then the decode (4 bytes a pixel at
 # worst, ~270 MB) plus, for transparent images, Pillow's premultiplied copy: ~0.55 GB at most.
