@@ -2,6 +2,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from conftest import make_idx_folder, md5
 from lenet import cli
 from lenet.data import sources
@@ -49,3 +51,54 @@ def test_any_idx_folder_with_class_names(isolated_env, tmp_path, capsys):
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["model"]["num_classes"] == 4
     assert "64 train, 32 test" in capsys.readouterr().out
+
+
+def test_data_show_describes_each_set_of_an_emnist_style_folder(isolated_env, tmp_path, capsys,
+                                                                monkeypatch):
+    from test_layout import emnist_like
+
+    folder = tmp_path / "gzip"
+    folder.mkdir()
+    emnist_like(folder, "emnist-letters")
+    emnist_like(folder, "emnist-digits", classes=4, first_label=0, seed=1)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["data", "show", "gzip"]) == 0
+    shown = capsys.readouterr().out
+    digits, letters = shown.split("\n\n")
+    assert digits.startswith(f"emnist-digits from {folder} (--data)\n")
+    assert letters.splitlines()[:2] == [
+        f"emnist-letters from {folder} (--data)",
+        "files: emnist-letters-train-images-idx3-ubyte.gz, emnist-letters-train-labels-idx1-"
+        "ubyte.gz, emnist-letters-test-images-idx3-ubyte.gz, emnist-letters-test-labels-idx1-"
+        "ubyte.gz (0.1 MB)"]
+    assert ("images: 150 train, 50 test, 28x28 pixels, uint8; stored transposed (EMNIST), "
+            "turned upright") in letters
+    assert f"6 classes, names from {folder / 'emnist-letters-mapping.txt'}:" in letters
+    rows = letters.splitlines()[-6:]
+    assert rows[0].split() == ["0", "(unused)", "0", "0"]
+    assert rows[1].split() == ["1", "A/a", "30", "10"]
+    assert cli.main(["data", "gzip/emnist-letters"]) == 0  # `show` may be left out
+    assert capsys.readouterr().out == letters
+
+
+def test_data_show_of_a_plain_folder_counts_its_classes(isolated_env, tmp_path, capsys):
+    data = make_idx_folder(tmp_path / "plain", n_train=60, n_test=20, classes=3)
+    assert cli.main(["data", "show", str(data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "images: 60 train, 20 test, 28x28 pixels, uint8"
+    assert lines[4] == "3 classes, names from one more than the largest training label:"
+    assert [r.split() for r in lines[6:]] == [["0", "0", "20", "7"], ["1", "1", "20", "7"],
+                                              ["2", "2", "20", "6"]]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["data", "fecth", "mnist"], "lenet data: unknown action 'fecth', expected fetch or show"),
+    (["data", "show"], "lenet data show: expected a data set name (fashion-mnist, mnist) "
+                       "or a folder"),
+    (["data", "show", "mnist", "--dest", "x"], "lenet data show: --dest is for fetch"),
+    (["data", "nowhere"], "unknown data set 'nowhere'"),
+])
+def test_data_verb_mistakes_are_one_line(args, expect, isolated_env, capsys):
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lenet: error: ") and expect in err and err.count("\n") == 1

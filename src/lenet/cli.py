@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    "training images (default none)")
     t.add_argument("--seed", type=int, help="seed for init and shuffling (default 0)")
     t.add_argument("--device", choices=DEVICES, help="default auto: cuda if available")
-    t.add_argument("--data", help="fashion-mnist (default), mnist, or a folder of IDX files")
+    t.add_argument("--data", help="fashion-mnist (default), mnist, a folder of IDX files, or "
+                   "FOLDER/PREFIX of a set in one (EMNIST's layout)")
     t.add_argument("--resize", type=int, help="scale images to N x N on the fly")
     t.add_argument("--out", help="run folder to write (default runs/<time>-<preset>)")
     t.add_argument("--runs-dir", default="runs", help="where new run folders go (default runs)")
@@ -95,12 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="FILE", help="the overlaid curves as .png, .svg or .pdf "
                    "(default compare.png)")
 
-    d = verbs.add_parser("data", help="where each data set is; 'data fetch NAME' downloads")
-    d.add_argument("action", nargs="?", choices=("fetch",))
-    d.add_argument("name", nargs="?", help="data set to fetch (fashion-mnist, mnist)")
-    d.add_argument("--dest", help="folder to download into (default: the user cache)")
+    from lenet import cli_data, cli_more
 
-    from lenet import cli_more
+    cli_data.add_parser(verbs)
 
     cli_more.add_parsers(verbs)
     from lenet import cli_sweep
@@ -173,11 +171,11 @@ def build_config(a) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from lenet import cli_more, cli_sweep
+        from lenet import cli_data, cli_more, cli_sweep
         from lenet.outliving_stdout import output_outlives_reader
 
         handler = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-                   "compare": cmd_compare, "data": cmd_data, **cli_more.HANDLERS,
+                   "compare": cmd_compare, **cli_data.HANDLERS, **cli_more.HANDLERS,
                    **cli_sweep.HANDLERS}[args.verb]
         if args.verb in ("train", "sweep"):  # `lenet train | head` must not lose the run
             with output_outlives_reader():
@@ -518,34 +516,6 @@ def _short(v) -> str:
     if isinstance(v, list):
         return ",".join(map(str, v)) or "none"
     return str(v)
-
-
-def cmd_data(a) -> int:
-    from lenet.data import sources
-
-    if a.action == "fetch":
-        if not a.name:
-            raise ConfigError("lenet data fetch: expected a data set name "
-                              f"({', '.join(sources.DATASETS)})")
-        if a.name not in sources.DATASETS:
-            raise ConfigError(f"unknown data set '{a.name}': expected one of "
-                              f"{', '.join(sources.DATASETS)}")
-        dest = Path(a.dest) if a.dest else None
-        folder = sources.fetch(sources.DATASETS[a.name], dest, report=_info)
-        print(f"{a.name}: ready in {folder}")
-        return 0
-    if a.name:
-        raise ConfigError(f"lenet data: unexpected '{a.name}' (did you mean "
-                          f"'lenet data fetch {a.name}'?)")
-    for row in sources.status():
-        where = f"{row['found'][1]} ({row['found'][0]})" if row["found"] else "missing"
-        print(f"{row['name']:<14} {where}")
-        if not row["found"]:
-            looked = ", ".join(str(p) for _, p in row["candidates"])
-            print(f"{'':<14} looked in {looked}; 'lenet data fetch {row['name']}' downloads it")
-    print(f"cache: {sources.cache_root()}" + (f"; $LENET_DATA={os.environ['LENET_DATA']}"
-                                              if os.environ.get("LENET_DATA") else ""))
-    return 0
 
 
 if __name__ == "__main__":

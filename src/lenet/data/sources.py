@@ -136,6 +136,8 @@ class Dataset:
     folder: Path
     found_in: str
     transposed: bool = False  # stored transposed (EMNIST) and turned upright when read
+    files: Mapping[str, Path] = field(default_factory=dict)  # the file read for each role
+    classes_from: str = ""  # where the class names came from, in words or as a path
 
 
 def cache_root() -> Path:
@@ -443,6 +445,8 @@ def _load_folder(
         folder=folder,
         found_in=found_in,
         transposed=transposed,
+        files=MappingProxyType(dict(paths)),
+        classes_from=source,
     )
 
 

@@ -1,0 +1,95 @@
+"""`lenet data`: where each registered data set is, `fetch` to download one, and `show` to
+read any data set or folder as training would and say what it holds. Thin, like cli.py."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lenet.errors import ConfigError
+
+
+def add_parser(verbs) -> None:
+    d = verbs.add_parser("data", help="where each data set is; 'data fetch NAME' downloads; "
+                         "'data show NAME|FOLDER' says what one holds")
+    d.add_argument("action", nargs="?", metavar="fetch|show",
+                   help="fetch NAME downloads; show NAME (or just NAME) reads and describes")
+    d.add_argument("name", nargs="?", help="fetch: fashion-mnist or mnist; show: also a "
+                   "folder of IDX files, or FOLDER/PREFIX")
+    d.add_argument("--dest", help="folder to download into (default: the user cache)")
+
+
+def cmd_data(a) -> int:
+    from lenet.cli import _data_name, _info
+    from lenet.data import sources
+
+    if a.action not in (None, "fetch", "show"):
+        if a.name:
+            raise ConfigError(f"lenet data: unknown action '{a.action}', expected fetch or show")
+        a.action, a.name = "show", a.action  # `lenet data FOLDER`
+    if a.action == "fetch":
+        if not a.name:
+            raise ConfigError("lenet data fetch: expected a data set name "
+                              f"({', '.join(sources.DATASETS)})")
+        if a.name not in sources.DATASETS:
+            raise ConfigError(f"unknown data set '{a.name}': expected one of "
+                              f"{', '.join(sources.DATASETS)}")
+        dest = Path(a.dest) if a.dest else None
+        folder = sources.fetch(sources.DATASETS[a.name], dest, report=_info)
+        print(f"{a.name}: ready in {folder}")
+        return 0
+    if a.action == "show":
+        if not a.name:
+            raise ConfigError("lenet data show: expected a data set name "
+                              f"({', '.join(sources.DATASETS)}) or a folder")
+        if a.dest:
+            raise ConfigError("lenet data show: --dest is for fetch")
+        for i, target in enumerate(_sets(_data_name(a.name))):
+            print(("\n" if i else "") + "\n".join(describe(sources.load(target, download=False))))
+        return 0
+    for row in sources.status():
+        where = f"{row['found'][1]} ({row['found'][0]})" if row["found"] else "missing"
+        print(f"{row['name']:<14} {where}")
+        if not row["found"]:
+            looked = ", ".join(str(p) for _, p in row["candidates"])
+            print(f"{'':<14} looked in {looked}; 'lenet data fetch {row['name']}' downloads it")
+    print(f"cache: {sources.cache_root()}" + (f"; $LENET_DATA={os.environ['LENET_DATA']}"
+                                              if os.environ.get("LENET_DATA") else ""))
+    return 0
+
+
+def _sets(name: str) -> list[str]:
+    """What `show NAME` reads: NAME itself, or each set of a folder that holds several."""
+    from lenet.data import layout, sources
+
+    path = Path(name).expanduser()
+    if name in sources.DATASETS or not path.is_dir() or not layout.scan(
+            path, layout.STANDARD_FILES)[1]:
+        return [name]
+    return [str(path / prefix) for prefix in layout.prefixes_in(path)] or [name]
+
+
+def describe(ds) -> list[str]:
+    """A loaded data set in lines: where, files, sizes, class names and their counts."""
+    import numpy as np
+
+    n_train, rows, cols = ds.train.images.shape
+    size = sum(p.stat().st_size for p in ds.files.values())
+    lines = [f"{ds.name} from {ds.folder} ({ds.found_in})",
+             f"files: {', '.join(p.name for p in ds.files.values())} ({size / 1e6:.1f} MB)",
+             f"images: {n_train:,} train, {len(ds.test):,} test, {rows}x{cols} pixels, "
+             "uint8" + ("; stored transposed (EMNIST), turned upright" if ds.transposed else "")]
+    pixels = ds.train.images
+    mean = float(pixels.mean(dtype=np.float64)) / 255
+    std = float(pixels.std(dtype=np.float64)) / 255
+    lines.append(f"pixels (train, /255): mean {mean:.4f}, std {std:.4f}")
+    train = np.bincount(ds.train.labels, minlength=len(ds.classes))
+    test = np.bincount(ds.test.labels, minlength=len(ds.classes))
+    lines.append(f"{len(ds.classes)} classes, names from {ds.classes_from}:")
+    width = max(8, *(len(c) for c in ds.classes))
+    lines.append(f"  {'label':>5}  {'class':<{width}} {'train':>9} {'test':>9}")
+    for k, name in enumerate(ds.classes):
+        lines.append(f"  {k:>5}  {name:<{width}} {train[k]:>9,} {test[k]:>9,}")
+    return lines
+
+
+HANDLERS = {"data": cmd_data}
