@@ -160,6 +160,23 @@ def test_figures_are_readable_pictures(tmp_path):
     assert_picture(tmp_path / "none.png", (800, 100), (1500, 600), min_std=1)
 
 
+@pytest.mark.parametrize(("k", "counts"), [(10, True), (47, True), (62, False), (255, False)])
+def test_a_confusion_matrix_of_many_classes_stays_a_sensible_picture(tmp_path, monkeypatch, k,
+                                                                     counts):
+    """EMNIST's 47 or 62 classes (or 255): at most ~2,800 pixels a side, not 4,500 or 28,000;
+    the counts are written in the cells up to 50 classes."""
+    import matplotlib.axes
+
+    written = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, *a, **kw: written.append(a) or original(self, *a, **kw))
+    cm = np.random.default_rng(0).integers(0, 3, (k, k)) + np.eye(k, dtype=int) * 90
+    plots.confusion_figure(cm, [f"c{i}" for i in range(k)], tmp_path / "c.png")
+    assert_picture(tmp_path / "c.png", (900, 850), (2800, 2700))
+    assert len(written) == (np.count_nonzero(cm) if counts else 0)
+
+
 def test_print_report_prints_tables_and_writes_both_figures(tiny_run, tmp_path, capsys,
                                                            isolated_env):
     run = report.load_run(tiny_run)

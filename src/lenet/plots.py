@@ -230,8 +230,8 @@ def activations_figure(images, row_labels, maps: dict, path: Path, *, max_maps: 
 
 
 def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
-    """The confusion matrix: counts written in each cell, colour = the fraction of the true
-    class (row-normalised), true class down, predicted class across."""
+    """The confusion matrix: counts written in each cell (up to 50 classes), colour = the
+    fraction of the true class (row-normalised), true class down, predicted class across."""
     import numpy as np
 
     plt = pyplot()
@@ -239,19 +239,22 @@ def confusion_figure(cm, classes, path: Path, title: str = "") -> None:
     k = len(classes)
     rows = cm.sum(axis=1, keepdims=True)
     frac = cm / np.maximum(rows, 1)
-    side = max(4.5, 0.62 * k + 2.2)
+    # Cells of 0.62 inch up to 35 classes; beyond, the figure stays 24 inches (2,600 pixels)
+    # at most and the cells shrink: EMNIST's 62 classes would otherwise be 4,500 pixels.
+    cell = min(0.62, 22 / k)
+    side = max(4.5, cell * k + 2.2)
     fig, ax = plt.subplots(figsize=(side + 0.9, side), dpi=110)
     image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), classes, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
+    label = max(3.0, min(8.0, 0.8 * cell * 72))  # points: no taller than a cell
+    ax.set_xticks(range(k), classes, rotation=40 if k <= 35 else 90,
+                  ha="right" if k <= 35 else "center", fontsize=label)
+    ax.set_yticks(range(k), classes, fontsize=label)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     size = 7 if k <= 12 else 5
-    for i in range(k):
-        for j in range(k):
-            if cm[i, j]:
-                ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center", fontsize=size,
-                        color="white" if frac[i, j] > 0.55 else "black")
+    for i, j in np.argwhere(cm) if k <= 50 else ():  # beyond 50 the counts stop fitting
+        ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center", fontsize=size,
+                color="white" if frac[i, j] > 0.55 else "black")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     bar.set_label("fraction of the true class", fontsize=8)
     bar.ax.tick_params(labelsize=7)
