@@ -163,7 +163,7 @@ def test_figures_are_readable_pictures(tmp_path):
 @pytest.mark.parametrize(("k", "counts"), [(10, True), (47, True), (62, False), (255, False)])
 def test_a_confusion_matrix_of_many_classes_stays_a_sensible_picture(tmp_path, monkeypatch, k,
                                                                      counts):
-    """EMNIST's 47 or 62 classes (or 255): at most ~2,800 pixels a side, not 4,500 or 28,000;
+    """EMNIST's 47 or 62 classes (or 255): at most ~2,800 pixels a side, not 4,500 or 17,600;
     the counts are written in the cells up to 50 classes."""
     import matplotlib.axes
 
