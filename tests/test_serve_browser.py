@@ -2,6 +2,7 @@
 (never `playwright install`: it downloads a browser). In CI a missing browser fails."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from lenet import serve
+from conftest import make_idx_folder
+from lenet import cli, serve
 from lenet.data import sources
 from test_report import assert_picture, trained_tiny_run
 
@@ -42,22 +44,31 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """A real uvicorn in a thread on a free port, serving the tiny run twice (side by side)."""
-    run = trained_tiny_run(tmp_path_factory)
-    served = serve.load_served(run)
-    test = sources.load(served.run.config.data.name, download=False).test
+@contextlib.contextmanager
+def serving(runs: list, test):
+    """A real uvicorn in a thread on a free port serving `runs` side by side; yields its URL."""
     sock = serve.bind("127.0.0.1", 0)
-    server = serve.server(serve.create_app([served, served], test))
+    server = serve.server(serve.create_app(runs, test))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield serve.url(sock)
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield serve.url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The tiny run served twice, side by side."""
+    run = trained_tiny_run(tmp_path_factory)
+    served = serve.load_served(run)
+    with serving([served, served],
+                 sources.load(served.run.config.data.name, download=False).test) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -179,3 +190,37 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth") <= 420
     assert outside == [] and problems == []
     page.close()
+
+
+@pytest.mark.slow
+def test_many_classes_show_the_ten_most_likely_most_likely_first(browser, tmp_path):
+    """15 classes (EMNIST has up to 62): ten bars, ordered by probability, and a note."""
+    from playwright.sync_api import expect
+
+    data = make_idx_folder(tmp_path / "data", n_train=150, n_test=45, classes=15)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "50",
+                     "--out", str(run), "--no-progress"]) == 0
+    with serving([serve.load_served(run)], sources.load(str(data)).test) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(url)
+        expect(page.locator("#status")).to_contain_text("random: test image #")
+        expect(page.locator("#m0 .more")).to_have_text("the 10 most likely of 15 classes")
+        for press in ("", "n", "b"):  # an example, uniform noise, a blank
+            before = page.get_attribute("#m0", "data-probabilities")
+            if press:
+                page.keyboard.press(press)
+                page.wait_for_function("old => document.querySelector('#m0').dataset"
+                                       ".probabilities !== old", arg=before)
+            p = [float(x) for x in page.get_attribute("#m0", "data-probabilities").split(",")]
+            expect(page.locator("#m0 .bars li:visible")).to_have_count(10)
+            shown = page.eval_on_selector_all(
+                "#m0 .bars li:not([hidden])",
+                "ls => ls.map(l => [l.dataset.class, l.getBoundingClientRect().top])")
+            expected = sorted(range(15), key=lambda k: (-p[k], k))[:10]
+            assert [c for c, _ in sorted(shown, key=lambda t: t[1])] == [str(k) for k in expected]
+            assert page.get_attribute("#m0 .bars li.best", "data-class") == str(expected[0])
+        assert problems == []
+        page.close()

@@ -48,6 +48,16 @@ function el(tag, attrs = {}, ...children) {
 
 // ---- the columns, one per served run ----------------------------------------------------
 
+// With more classes than MANY (EMNIST's 47 or 62), the bars show the TOP most likely only,
+// most likely first; a column of 62 bars would push the feature maps off the screen.
+const MANY = 12, TOP = 10;
+
+function ranks(p) {
+  const order = [...p.keys()].sort((a, b) => p[b] - p[a] || a - b), rank = [];
+  order.forEach((k, r) => { rank[k] = r; });
+  return rank;
+}
+
 function buildColumns() {
   const box = $("models");
   info.models.forEach((m, i) => {
@@ -56,6 +66,8 @@ function buildColumns() {
     m.classes.forEach((c, k) => bars.append(el("li", { "data-class": c },
       el("span", { text: c }), el("span", { class: "track" }, el("span", { class: "fill" })),
       el("span", { class: "p", text: "–" }))));
+    const many = m.classes.length > MANY;
+    if (many) bars.querySelectorAll("li").forEach((li, k) => { li.hidden = k >= TOP; });
     const sees = el("canvas", { width: m.image_size, height: m.image_size, role: "img",
                                 "aria-label": `what ${m.run} sees: the ${m.image_size}x${m.image_size} input` });
     const col = el("section", { class: "model", id: `m${i}`, "aria-label": `run ${m.run}` },
@@ -63,7 +75,8 @@ function buildColumns() {
       el("p", { class: "meta", text: `${m.preset}, ${m.activation}, epoch ${m.epoch}${acc}` }),
       el("div", { class: "top" },
         el("figure", { class: "sees" }, sees, el("figcaption", { text: "what the network sees" })),
-        el("div", { class: "result" }, el("p", { class: "answer", "aria-live": "polite", text: "…" }), bars)));
+        el("div", { class: "result" }, el("p", { class: "answer", "aria-live": "polite", text: "…" }), bars,
+           ...(many ? [el("p", { class: "more", text: `the ${TOP} most likely of ${m.classes.length} classes` })] : []))));
     for (const [name, shape] of Object.entries(m.feature_maps)) {
       const maps = el("div", { class: `maps ${name}${shape[0] > 8 ? " small" : ""}` });
       for (let c = 0; c < shape[0]; c++) {
@@ -95,8 +108,10 @@ function render(i, r) {
   grey(col.querySelector(".sees canvas"), bytes(r.input.data));
   col.querySelector(".answer").textContent =
     `${r.top.class}: ${(100 * r.top.probability).toFixed(1)}%`;
+  const rank = r.probabilities.length > MANY ? ranks(r.probabilities) : null;
   col.querySelectorAll(".bars li").forEach((li, k) => {
     const p = r.probabilities[k];
+    if (rank) { li.hidden = rank[k] >= TOP; li.style.order = rank[k]; }
     li.classList.toggle("best", k === r.top.index);
     li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
     li.querySelector(".p").textContent = `${(100 * p).toFixed(1)}%`;
