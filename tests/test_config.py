@@ -74,6 +74,18 @@ def test_toml_configs_read_on_python_3_10_through_tomli(tmp_path, monkeypatch):
     assert read_config_file(path) == {"preset": "modern", "train": {"lr": 0.05}}
 
 
+def test_configs_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    """Windows editors save UTF-8 with a BOM and CRLF line ends."""
+    from lenet.config import read_config_file
+
+    expected = {"preset": "modern", "note": "é 字", "train": {"lr": 0.05}}
+    for name, text in (("c.json", json.dumps(expected, ensure_ascii=False)),
+                       ("c.toml", 'preset = "modern"\nnote = "é 字"\n[train]\nlr = 0.05\n')):
+        for bom in (b"", b"\xef\xbb\xbf"):
+            (tmp_path / name).write_bytes(bom + text.replace("\n", "\r\n").encode())
+            assert read_config_file(tmp_path / name) == expected, (name, bom)
+
+
 def test_switching_a_momentum_preset_to_adam_drops_sgds_settings_unless_given():
     from lenet.config import merge_config
 

@@ -95,6 +95,16 @@ def test_a_sets_own_class_list_comes_before_its_mapping_and_the_folders(tmp_path
     assert sources.load(tmp_path).classes == tuple("uvwxyz")
 
 
+def test_class_files_may_have_a_bom_and_crlf_line_ends(tmp_path):
+    emnist_like(tmp_path, "emnist-letters")
+    mapping = tmp_path / "emnist-letters-mapping.txt"
+    mapping.write_bytes(b"\xef\xbb\xbf" + mapping.read_bytes().replace(b"\n", b"\r\n"))
+    assert sources.load(tmp_path).classes[:2] == ("(unused)", "A/a")
+    (tmp_path / "emnist-letters-classes.txt").write_bytes(
+        "\ufeffお\r\nき\r\nす\r\nつ\r\nな\r\nは\r\n".encode())
+    assert sources.load(tmp_path).classes == tuple("おきすつなは")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("1 65 97\nA 66\n", "line 2 is 'A 66', expected a label 0-255 and one or more Unicode"),
     ("1\n", "line 1 is '1', expected"),

@@ -154,8 +154,8 @@ def read_config_file(path: str | Path) -> dict:
             except ImportError:  # Python 3.10: the same parser, as a package
                 import tomli as tomllib
 
-            return tomllib.loads(path.read_text())
-        return json.loads(path.read_text())
+            return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except IsADirectoryError:

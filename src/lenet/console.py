@@ -22,7 +22,7 @@ class ConsoleProgress(Callback):
         else:
             print(line, file=self.stream, flush=True)
         if self.log_path is not None:
-            with open(self.log_path, "a") as f:
+            with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
     def on_fit_start(self, trainer: Trainer) -> None:

@@ -60,7 +60,7 @@ class RunFolder:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             os.close(fd)
-            holder = (self.path / ".lock").read_text().strip() or "another process"
+            holder = (self.path / ".lock").read_text(errors="replace").strip() or "another process"
             raise RunFolderError(f"{self.path}: in use by another lenet train ({holder}); "
                                  f"wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
@@ -112,7 +112,7 @@ def read_history(folder: RunFolder) -> list[EpochMetrics]:
     if not folder.metrics.is_file():
         return []
     try:
-        with open(folder.metrics, newline="") as f:
+        with open(folder.metrics, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         return [EpochMetrics(int(r["epoch"]), *(float(r[c]) for c in METRIC_COLUMNS[1:]))
                 for r in rows]
