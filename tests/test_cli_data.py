@@ -102,3 +102,15 @@ def test_data_verb_mistakes_are_one_line(args, expect, isolated_env, capsys):
     assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("lenet: error: ") and expect in err and err.count("\n") == 1
+
+
+def test_pixel_stats_match_numpys_over_chunks():
+    import numpy as np
+
+    from lenet.cli_data import _pixel_stats
+
+    images = np.random.default_rng(0).integers(0, 256, (9000, 7, 5), dtype=np.uint8)
+    mean, std = _pixel_stats(images)  # 4096 + 4096 + 808 images
+    assert mean == pytest.approx(images.mean() / 255, rel=1e-12)
+    assert std == pytest.approx(images.std() / 255, rel=1e-9)
+    assert _pixel_stats(np.full((3, 2, 2), 255, np.uint8)) == (1.0, 0.0)
