@@ -51,8 +51,11 @@ def test_conv_activations_follow_the_spec():
                       dense=(32,))
     m = build(three)
     assert inspect.conv_activations(m) == ["act1", "act2", "act3"]
-    acts = inspect.capture(m, torch.rand(2, 1, 28, 28), inspect.conv_activations(m))
+    acts = inspect.capture(m, torch.rand(2, 1, 28, 28))  # the default: every conv layer's
+    assert list(acts) == ["act1", "act2", "act3"]
     assert acts["act3"].shape == (2, 8, 7, 7)  # 28 -> 14 -> 7: act3 comes before pool3
+    one = build(ModelSpec(convs=(ConvSpec(6, 5, 2),), dense=(64,)))  # act2 is a dense layer's
+    assert list(inspect.capture(one, torch.rand(1, 1, 28, 28))) == ["act1"]
 
 
 def test_stats_use_each_activations_midpoint():

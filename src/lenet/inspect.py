@@ -43,9 +43,10 @@ def conv_activations(model: torch.nn.Module) -> list[str]:
 
 
 def capture(model: torch.nn.Module, x: torch.Tensor,
-            layers: Sequence[str] = ("act1", "act2")) -> dict[str, torch.Tensor]:
-    """The outputs of the named layers for input `x` (N, C, H, W), in eval mode without
-    autograd; on the CPU, in the order of `layers` (`trace`, with the mode switched)."""
+            layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The outputs of the named layers (default: every conv layer's activation,
+    `conv_activations`) for input `x` (N, C, H, W), in eval mode without autograd; on the
+    CPU, in the order of `layers` (`trace`, with the mode switched)."""
     was_training = model.training
     model.eval()
     try:
@@ -54,11 +55,14 @@ def capture(model: torch.nn.Module, x: torch.Tensor,
         model.train(was_training)
 
 
-def trace(model: torch.nn.Sequential, x: torch.Tensor, layers: Sequence[str] = ("act1", "act2")
+def trace(model: torch.nn.Sequential, x: torch.Tensor, layers: Sequence[str] | None = None
           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and the named layers' outputs from one forward pass, layer by layer (what
-    nn.Sequential does), without hooks: safe to call from several threads at once. The
-    model must already be in eval mode (a server's is; `capture` switches it)."""
+    """Logits and the named layers' outputs (default: `conv_activations`) from one forward
+    pass, layer by layer (what nn.Sequential does), without hooks: safe to call from several
+    threads at once. The model must already be in eval mode (a server's is; `capture`
+    switches it)."""
+    if layers is None:
+        layers = conv_activations(model)
     modules = dict(model.named_children())
     unknown = [n for n in layers if n not in modules]
     if unknown:
