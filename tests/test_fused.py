@@ -120,6 +120,20 @@ def test_lenet_fused_0_turns_it_off(monkeypatch):
         fused._reset_for_tests()
 
 
+def test_lenet_fused_takes_the_usual_spellings_of_off_and_on(monkeypatch):
+    from lenet.errors import ConfigError
+
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv("LENET_FUSED", off)
+        assert fused.disabled()
+    for on in ("", "1", "True", "on", "yes"):
+        monkeypatch.setenv("LENET_FUSED", on)
+        assert not fused.disabled()
+    monkeypatch.setenv("LENET_FUSED", "maybe")
+    with pytest.raises(ConfigError, match=r"^LENET_FUSED='maybe': expected 0 \(or false, off"):
+        fused.disabled()
+
+
 def test_needs_build_says_whether_load_would_compile(kernel, monkeypatch, tmp_path):
     assert not fused.needs_build()  # loaded (the fixture)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))

@@ -126,7 +126,8 @@ _lock = threading.Lock()
 
 def load() -> object | None:
     """The compiled extension (built on first use: ~1 min; then cached on disk), or None when
-    it cannot be built or loaded here, with the reason in `why_unavailable()`. Never raises."""
+    it cannot be built or loaded here, with the reason in `why_unavailable()`. Raises only
+    for a LENET_FUSED that is neither on nor off (`disabled`)."""
     global _loaded
     if disabled():
         return None
@@ -155,7 +156,7 @@ def needs_build() -> bool:
 def why_unavailable() -> str | None:
     """Why `load()` gives None (None if it has not failed, or has not been called)."""
     if disabled():
-        return "turned off by LENET_FUSED=0"
+        return f"turned off by LENET_FUSED={os.environ['LENET_FUSED'].strip()}"
     return _loaded.reason if _loaded is not None else None
 
 
@@ -167,10 +168,18 @@ def _reset_for_tests() -> None:
         _loaded = None
 
 
+_OFF, _ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
+
+
 def disabled() -> bool:
-    """Whether LENET_FUSED=0 turns the fast paths off: the C++ kernel and blocks on a CPU,
-    the CUDA graph and the Triton kernels on a GPU (lenet.train.pick_engine)."""
-    return os.environ.get("LENET_FUSED", "").strip() == "0"
+    """Whether LENET_FUSED=0 (or false, off, no) turns the fast paths off: the C++ kernel and
+    blocks on a CPU, the CUDA graph and the Triton kernels on a GPU (train.pick_engine).
+    Any other value than those or 1, true, on, yes is a ConfigError, not silently "on"."""
+    value = os.environ.get("LENET_FUSED", "").strip().lower()
+    if value not in _OFF + _ON:
+        raise ConfigError(f"LENET_FUSED={os.environ['LENET_FUSED']!r}: expected 0 (or false, "
+                          "off, no) to turn the fast kernels off, 1 (or true, on, yes) for on")
+    return value in _OFF
 
 
 def _build_and_load() -> _Loaded:
