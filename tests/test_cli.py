@@ -287,3 +287,97 @@ def test_output_outlives_reader_drops_output_after_a_broken_pipe(monkeypatch):
         pipe.broken = False
         print("three", flush=True)  # once the reader left, nothing more is written
     assert sys.stdout is pipe and pipe.lines == ["one", "\n"]
+
+
+def test_a_folder_without_a_checkpoint_or_a_file_as_out_is_refused_with_the_right_advice(
+        tmp_path, capsys, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=256, n_test=64)
+    div = tmp_path / "div"
+    cli.main(["train", "--preset", "modern", "--lr", "100", "--data", str(data), "--epochs",
+              "1", "--out", str(div), "--no-progress"])
+    assert (div / "config.json").exists() and not (div / "last.ckpt").exists()
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(data), "--out", str(div)]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {div}: holds a run that stopped before its first checkpoint, so there "
+        "is nothing to resume; remove the folder or choose another --out\n")
+    (tmp_path / "f.png").write_bytes(b"x")
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "f.png")]) == 1
+    assert "f.png: is a file, expected a folder for the run" in capsys.readouterr().err
+
+
+def test_a_flag_preset_beats_the_files_and_the_label_says_so(tmp_path, capsys):
+    wide = tmp_path / "wide.toml"
+    wide.write_text('preset = "modern"\n[train]\nlr = 0.05\n')
+    assert cli.main(["summary", "--config", str(wide), "--preset", "book"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("preset book\n") and "Sigmoid" in out
+    assert cli.main(["summary", "--config", str(wide)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("preset modern\n") and "ReLU" in out
+
+
+def test_a_run_records_its_class_names_and_resumes_from_moved_data(tmp_path, capsys,
+                                                                  isolated_env):
+    """The data folder (with classes.txt) moves away: predict still names the classes, and
+    --resume --data points at the new place; data of another shape is refused."""
+    from PIL import Image
+
+    from lenet.config import RunConfig
+    from lenet.report import class_names
+
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40, classes=3)
+    (data / "classes.txt").write_text("cat\ndog\nowl\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--out", str(run),
+                     "--no-progress"]) == 0
+    moved = data.rename(tmp_path / "elsewhere")
+    assert class_names(RunConfig.from_json_file(run / "config.json")) == ("cat", "dog", "owl")
+    Image.new("L", (28, 28), 0).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert cli.main(["predict", str(run), str(tmp_path / "x.png"), "--top", "3"]) == 0
+    assert sorted(t.split()[0] for t in capsys.readouterr().out.split(": ")[1].split(", ")) \
+        == ["cat", "dog", "owl"]
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2"]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--data", str(moved),
+                     "--no-progress"]) == 0
+    assert load(run / "last.ckpt")["epoch"] == 2
+    assert RunConfig.from_json_file(run / "config.json").data.name == str(moved)
+    other = make_idx_folder(tmp_path / "other", n_train=60, n_test=20, classes=4)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--data", str(other)]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {other}: holds 4 classes of 28x28 images; the run was trained on 3 "
+        "classes of 28x28\n")
+
+
+def test_resuming_a_scheduled_run_for_more_epochs_says_it_changes_the_schedule(
+        tmp_path, capsys, isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--schedule", "cosine",
+                     "--lr", "0.1", "--out", str(run), "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert ("note: the cosine schedule was set over 1 epochs and now spans 2 from here on: "
+            "the run will not equal a fresh 2-epoch run") in capsys.readouterr().out
+
+
+def test_evaluate_on_data_of_another_size_resizes_and_keeps_the_runs_own_report(
+        tmp_path, capsys, isolated_env, monkeypatch):
+    small = make_idx_folder(tmp_path / "small", n_train=120, n_test=40)
+    big = make_idx_folder(tmp_path / "big", n_train=60, n_test=30, size=32)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(small), "--epochs", "1", "--out", str(run),
+                     "--no-progress"]) == 0
+    assert cli.main(["evaluate", str(run)]) == 0
+    own = (run / "confusion.png").read_bytes()
+    capsys.readouterr()
+    for fused_off in ("0", "1"):  # the C++ kernel and autograd both got 32x32 images before
+        monkeypatch.setenv("LENET_FUSED", fused_off)
+        assert cli.main(["evaluate", str(run), "--data", str(big)]) == 0
+        out = capsys.readouterr().out
+        assert "on big test set, 30 images (resized from 32x32 to 28x28): test loss" in out
+        assert f"figures: {run / 'confusion-big.png'}, {run / 'misclassified-big.png'}" in out
+    assert (run / "confusion.png").read_bytes() == own

@@ -108,6 +108,9 @@ def test_predict_takes_a_folder_as_its_image_files_in_name_order(run, pictures, 
     (["activations", "{run}", "--sample", "cat", "--per-class", "0"],
      "--per-class 0: expected a positive integer"),
     (["export", "{run}", "--out", "{tmp}/no/m.onnx"], "--out {tmp}/no/m.onnx: no such folder"),
+    (["export", "{run}", "--out", "{tmp}/m.txt"], "--out {tmp}/m.txt: expected a file name "
+     "ending in .onnx"),
+    (["activations", "{run}", "--image", "{tmp}"], "{tmp}: holds no image files, expected .png"),
 ])
 def test_bad_requests_are_one_line_and_exit_1(run, tmp_path, capsys, isolated_env, args,
                                               message):
@@ -212,3 +215,14 @@ def test_real_run_predict_activations_export(tmp_path_factory, tmp_path, capsys)
     assert_picture(tmp_path / "a.png", (1200, 300), (2200, 800))
     assert cli.main(["export", str(real), "--out", str(tmp_path / "m.onnx")]) == 0
     assert "checked on 1,000 test images of fashion-mnist" in capsys.readouterr().out
+
+
+def test_activations_takes_a_folder_of_images_like_predict(run, tmp_path, capsys, isolated_env):
+    for name, value in (("b.png", 255), ("a.png", 128)):
+        im = Image.new("L", (40, 40), 0)
+        im.paste(value, (10, 5, 30, 35))
+        im.save(tmp_path / name)
+    assert cli.main(["activations", str(run), "--image", str(tmp_path), "--out",
+                     str(tmp_path / "acts.png")]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:3]
+    assert [r.split()[0] for r in rows] == ["a.png", "b.png"]

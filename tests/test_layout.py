@@ -65,8 +65,11 @@ def test_a_folder_of_several_sets_asks_for_one(emnist):
         sources.load(str(folder))
     assert str(err.value) == (f"{folder}: holds 2 data sets (emnist-digits, emnist-letters), "
                               f"expected one; name one as {folder / 'emnist-digits'}")
-    with pytest.raises(DataError, match="no such folder"):
+    with pytest.raises(DataError) as err:
         sources.load(str(folder / "emnist-mnist"))
+    assert str(err.value) == (f"{folder / 'emnist-mnist'}: no such folder, and {folder} holds "
+                              "no set named 'emnist-mnist': expected one of emnist-digits, "
+                              "emnist-letters")
 
 
 def test_a_folder_of_one_prefixed_set_is_that_set_and_only_emnist_is_transposed(tmp_path):

@@ -55,21 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", metavar="FILE", help="JSON or TOML file with any of the "
                    "sections model, data, train (as in a run's config.json)")
     _spec_flags(t)
-    t.add_argument("--epochs", type=int, help="epochs to train (default 10)")
-    t.add_argument("--batch-size", type=int, help="minibatch size (default 128)")
+    t.add_argument("--epochs", type=int, help="epochs to train (default: the preset's; book 10)")
+    t.add_argument("--batch-size", type=int, help="minibatch size (default: the preset's; 128)")
     t.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the preset's (book sgd)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default: the preset's; book 0)")
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help="Nesterov momentum (sgd, momentum > 0)")
-    t.add_argument("--weight-decay", type=float, help="default 0")
+    t.add_argument("--weight-decay", type=float, help="default: the preset's (book 0)")
     t.add_argument("--schedule", choices=SCHEDULES, help="lr schedule, per step: constant "
-                   "(the book's), cosine or linear decay to 0")
-    t.add_argument("--warmup", type=float, help="fraction of steps to ramp the lr up from 0")
-    t.add_argument("--label-smoothing", type=float, help="cross-entropy smoothing (default 0)")
+                   "(the book's), cosine or linear decay to 0 (default: the preset's)")
+    t.add_argument("--warmup", type=float, help="fraction of steps to ramp the lr up from 0 "
+                   "(default: the preset's; book 0)")
+    t.add_argument("--label-smoothing", type=float, help="cross-entropy smoothing (default: the "
+                   "preset's; book 0)")
     t.add_argument("--augment", choices=AUGMENTS, help="random flips (and shifts) of the "
-                   "training images (default none)")
-    t.add_argument("--seed", type=int, help="seed for init and shuffling (default 0)")
+                   "training images (default: the preset's; book none)")
+    t.add_argument("--seed", type=int, help="seed for init and shuffling (default: the "
+                   "preset's; 0)")
     t.add_argument("--device", choices=DEVICES, help="default auto: cuda if available")
     t.add_argument("--data", help="fashion-mnist (default), mnist, a folder of IDX files, or "
                    "FOLDER/PREFIX of a set in one (EMNIST's layout)")
@@ -117,8 +120,10 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
                    "e.g. 120,84 (the book's); 'none' for no hidden layer")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="BatchNorm after each conv and hidden dense layer")
-    p.add_argument("--dropout", type=float, help="dropout after hidden dense layers")
-    p.add_argument("--init", choices=INITS, help="default xavier-uniform (the book's)")
+    p.add_argument("--dropout", type=float, help="dropout after hidden dense layers (default: the "
+                   "preset's; book 0)")
+    p.add_argument("--init", choices=INITS, help="default: the preset's (book "
+                   "xavier-uniform)")
 
 
 def _convs(text: str) -> tuple[ConvSpec, ...]:
@@ -149,7 +154,8 @@ def build_config(a) -> RunConfig:
             base_name = partial.get("preset")
     cfg = preset(base_name or "book")
     if a.config:
-        cfg = merge_config(cfg, partial, a.config)
+        # The label is the base actually used: --preset beats the file's "preset".
+        cfg = replace(merge_config(cfg, partial, a.config), preset=cfg.preset)
     cfg = override(cfg, "model", activation=a.activation, pooling=a.pooling, convs=a.convs,
                    dense=a.dense, batch_norm=a.batch_norm, init=a.init,
                    dropout=getattr(a, "dropout", None))
@@ -257,7 +263,7 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
         raise ConfigError(f"{ds.folder}: images are {rows}x{cols}; expected square images")
     model = replace(cfg.model, image_size=cfg.data.resize or rows, num_classes=len(ds.classes))
     feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
-    return replace(cfg, model=model)
+    return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
 
 
 def cmd_train(a) -> int:
@@ -281,12 +287,13 @@ def cmd_train(a) -> int:
 def _train(a, folders: list, painter=None) -> int:
     import torch
 
-    from lenet import checkpoint, distributed
+    from lenet import checkpoint, distributed, fused
     from lenet.console import ConsoleProgress
     from lenet.models import init_model
     from lenet.runs import RunFolder, RunWriter
     from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
 
+    fused.disabled()  # a LENET_FUSED that is neither on nor off fails before any folder exists
     dist = distributed.from_env()  # launched by torchrun with 2+ processes
     main_rank = dist is None or dist.is_main
     state = None
@@ -296,7 +303,7 @@ def _train(a, folders: list, painter=None) -> int:
         if changed:
             flag = "--" + changed[0].replace("_", "-")
             raise ConfigError(f"--resume continues a run as configured; {flag} "
-                              f"cannot change it (only --epochs and --device can)")
+                              f"cannot change it (only --epochs, --device and --data can)")
         folder = RunFolder(a.resume)
         folder.read_config()
         folders.append(folder)
@@ -305,6 +312,7 @@ def _train(a, folders: list, painter=None) -> int:
         ckpt = folder.checkpoint_for_resume()
         state = checkpoint.load(ckpt)
         cfg = override(state["config"], "train", epochs=a.epochs, device=a.device)
+        cfg = override(cfg, "data", name=_data_name(a.data))  # the same data, moved
         if cfg.train.epochs < state["epoch"]:
             raise ConfigError(f"--epochs {cfg.train.epochs}: the run already has "
                               f"{state['epoch']} epochs")
@@ -320,6 +328,12 @@ def _train(a, folders: list, painter=None) -> int:
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
     cfg = _fit_to_data(cfg, ds)
+    if state is not None and cfg.model != state["config"].model:
+        was = state["config"].model
+        raise ConfigError(f"{ds.folder}: holds {len(ds.classes)} classes of "
+                          f"{ds.train.images.shape[1]}x{ds.train.images.shape[2]} images; "
+                          f"the run was trained on {was.num_classes} classes of "
+                          f"{was.image_size}x{was.image_size}")
     model = init_model(cfg.model, cfg.train.seed)
     if state is not None:
         checkpoint.restore_model(ckpt, state, model)
@@ -339,8 +353,14 @@ def _train(a, folders: list, painter=None) -> int:
                  f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images"
                  + ("; stored transposed, turned upright" if ds.transposed else ""))
     epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
-    progress.say(f"preset {cfg.preset}: lr {cfg.train.lr}, batch {cfg.train.batch_size}, "
+    progress.say(f"preset {cfg.preset}: lr {cfg.train.lr:g}, batch {cfg.train.batch_size}, "
                  f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")
+    was = state["config"].train.epochs if state is not None else cfg.train.epochs
+    if was != cfg.train.epochs and (cfg.train.schedule != "constant" or cfg.train.warmup):
+        progress.say(f"note: the {cfg.train.schedule} schedule"
+                     + (" with warm-up" if cfg.train.warmup else "")
+                     + f" was set over {was} epochs and now spans {cfg.train.epochs} from "
+                     f"here on: the run will not equal a fresh {cfg.train.epochs}-epoch run")
 
     if dist is None:
         engine, engine_text = pick_engine(cfg.model, cfg.train, device, say=progress.say)
@@ -399,7 +419,8 @@ def _freeze_set_up() -> None:
 
 
 # What `--resume` accepts besides the run folder; any other flag would change the run.
-_RESUME_MAY_SET = {"verb", "debug", "resume", "epochs", "device", "no_progress", "runs_dir"}
+_RESUME_MAY_SET = {"verb", "debug", "resume", "epochs", "device", "no_progress", "runs_dir",
+                   "data"}
 
 
 def _summary_table(cfg: RunConfig, model) -> str:
@@ -448,18 +469,32 @@ def cmd_evaluate(a) -> int:
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
     device = resolve_device(a.device)
-    ds = _load_data(_data_name(a.data) or cfg.data.name)
+    data = _data_name(a.data) or cfg.data.name
+    ds = _load_data(data)
     if len(ds.classes) != cfg.model.num_classes:
         raise ConfigError(f"{ds.folder}: has {len(ds.classes)} classes; the model in "
                           f"{run.checkpoint} predicts {cfg.model.num_classes}")
+    size, (rows, cols) = cfg.model.image_size, ds.test.images.shape[1:]
+    # Another data set's images of another size are resized as --resize does in training.
+    resize = size if (rows, cols) != (size, size) else None
     test = Batches(ds.test.images, ds.test.labels, cfg.train.eval_batch_size, device,
-                   resize=cfg.data.resize)
+                   resize=resize)
     model = run.model.to(device)
     p = classify(model, test, forward=fused.inference_forward(model, device))
-    print(f"{run.checkpoint} (epoch {run.epoch}) on {ds.name} test set, "
-          f"{test.num_examples:,} images: test loss {p.loss:.4f}, test acc {p.accuracy:.4f}")
-    print_report(p, ds, run.folder)
+    resized = (f" (resized from {rows}x{cols} to {size}x{size})"
+               if resize is not None and cfg.data.resize is None else "")
+    print(f"{run.checkpoint} ({_epoch_words(run)}) on {ds.name} test set, "
+          f"{test.num_examples:,} images{resized}: test loss {p.loss:.4f}, "
+          f"test acc {p.accuracy:.4f}")
+    # The run's own report stays; another data set's gets figures of its own.
+    print_report(p, ds, run.folder, suffix="" if data == cfg.data.name else f"-{ds.name}")
     return 0
+
+
+def _epoch_words(run) -> str:
+    """"epoch 3", or for a checkpoint written before the first epoch ended (Ctrl-C)
+    "stopped during epoch 1"."""
+    return f"epoch {run.epoch}" if run.epoch else "stopped during epoch 1"
 
 
 def cmd_summary(a) -> int:

@@ -36,7 +36,7 @@ def add_parsers(verbs) -> None:
     a.add_argument("--index", type=int, action="append", metavar="N",
                    help="a test image by index (repeatable)")
     a.add_argument("--image", action="append", metavar="FILE",
-                   help="an image file of yours (repeatable)")
+                   help="an image file of yours, or a folder of them (repeatable)")
     a.add_argument("--sample", action="append", choices=samples.NAMES,
                    help="a photograph shipped with lenet, nothing like its training data "
                         "(repeatable)")
@@ -129,11 +129,13 @@ def cmd_activations(a) -> int:
     from lenet import inspect, plots
     from lenet.cli import _load_data
     from lenet.errors import ConfigError
-    from lenet.predict import probabilities, to_input
+    from lenet.predict import image_files, probabilities, to_input
     from lenet.report import class_names, load_run
 
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
+    images = [str(p) for f in a.image or ()  # a folder: its image files, as for predict
+              for p in (image_files(f) if Path(f).is_dir() else [f])]
     names = [n for group in a.classes or () for n in group.split(",") if n.strip()]
     if a.classes and not names:
         raise ConfigError("--classes: expected class names separated by commas")
@@ -143,7 +145,7 @@ def cmd_activations(a) -> int:
         ds = _load_data(cfg.data.name)
         split, classes = ds.test, ds.classes
     probes = inspect.choose(split, classes, class_names=names, per_class=a.per_class,
-                            indices=a.index or (), images=a.image or (),
+                            indices=a.index or (), images=images,
                             samples=a.sample or (), noises=a.noise or (), seed=a.seed,
                             blank=a.blank, size=cfg.model.image_size)
     if not probes:
@@ -199,6 +201,8 @@ def cmd_export(a) -> int:
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
     out = Path(a.out) if a.out else run.folder / "model.onnx"
+    if out.suffix.lower() != ".onnx":
+        raise ExportError(f"--out {out}: expected a file name ending in .onnx")
     if not out.parent.is_dir():
         raise ExportError(f"--out {out}: no such folder {out.parent}")
     classes = class_names(cfg)
@@ -262,10 +266,10 @@ def cmd_serve(a) -> int:
     return 0
 
 
-def print_report(p, ds, out_dir) -> tuple[Path, Path]:
+def print_report(p, ds, out_dir, suffix: str = "") -> tuple[Path, Path]:
     """For `lenet evaluate`: per-class accuracy, the five most confused pairs, and
-    OUT_DIR/confusion.png and OUT_DIR/misclassified.png (whose paths it returns), from the
-    test set's predictions `p` (report.classify)."""
+    OUT_DIR/confusion{suffix}.png and OUT_DIR/misclassified{suffix}.png (whose paths it
+    returns), from the test set's predictions `p` (report.classify)."""
     import numpy as np
 
     from lenet import plots, report
@@ -285,7 +289,8 @@ def print_report(p, ds, out_dir) -> tuple[Path, Path]:
         for true, pred, count in pairs:
             print(f"  {true} -> {pred}: {count:,}")
     wrong = report.misclassified(p)
-    confusion, gallery = out_dir / "confusion.png", out_dir / "misclassified.png"
+    confusion = out_dir / f"confusion{suffix}.png"
+    gallery = out_dir / f"misclassified{suffix}.png"
     plots.confusion_figure(cm, ds.classes, confusion, title=f"{out_dir.name} on {ds.name}")
     shown = wrong[:32]
     plots.misclassified_gallery(ds.test.images[shown], p.labels[shown], p.pred[shown],

@@ -68,6 +68,9 @@ class ModelSpec:
 class DataSpec:
     name: str = "fashion-mnist"  # a registered data set or a folder of four IDX files
     resize: int | None = None  # scale images to resize x resize on the fly (the book's resize)
+    # The class names, recorded by `lenet train` from the data set: predict, export and serve
+    # name the classes even where the data set is not. None in runs made before it was kept.
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.resize is not None:
@@ -239,7 +242,7 @@ def _convert(tp, v, where):
     if origin in (typing.Union, types.UnionType):
         if v is None:
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), v, where)
     if tp is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if tp in (int, float, str, bool) and not (isinstance(v, tp) and

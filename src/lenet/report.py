@@ -43,9 +43,12 @@ def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:
-    """The run's class names without loading (or downloading) its data: the registry's, the
-    data folder's (layout.class_names), else "0", "1", ... as `sources.load` names them."""
+    """The run's class names without loading (or downloading) its data: those it recorded,
+    else (an older run) the registry's, the data folder's (layout.class_names), else "0", "1",
+    ... as `sources.load` names them."""
     n = cfg.model.num_classes
+    if cfg.data.classes is not None and len(cfg.data.classes) == n:
+        return cfg.data.classes
     name = cfg.data.name
     if name in sources.DATASETS and len(sources.DATASETS[name].classes) == n:
         return sources.DATASETS[name].classes

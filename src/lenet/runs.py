@@ -73,7 +73,14 @@ class RunFolder:
             self._lock_fd = None
 
     def check_new(self) -> None:
-        """Refuse a folder that already holds a run."""
+        """Refuse a folder that already holds a run (or a file in the folder's place)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path}: is a file, expected a folder for the run "
+                                 "(--out names the run folder)")
+        if self.config.exists() and not self.last.exists():
+            raise RunFolderError(f"{self.path}: holds a run that stopped before its first "
+                                 "checkpoint, so there is nothing to resume; remove the folder "
+                                 "or choose another --out")
         if self.config.exists():
             raise RunFolderError(f"{self.path}: already holds a run; continue it with "
                                  f"'lenet train --resume {self.path}' or choose another --out")

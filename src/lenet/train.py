@@ -320,7 +320,7 @@ class Trainer:
                 "is not finite")
         raise DivergenceError(
             f"epoch {epoch}, {where}: the training loss {what} (training diverged); "
-            f"try a lower learning rate than {self.spec.lr}")
+            f"try a lower learning rate than {self.spec.lr:g}")
 
     def _apply_resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

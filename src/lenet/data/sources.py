@@ -28,6 +28,7 @@ from lenet.data.layout import (
     class_names,
     names_prefixed_set,
     prefixed_files,
+    prefixes_in,
     resolve,
     scan,
     stored_transposed,
@@ -378,6 +379,9 @@ def load(
             "or a folder holding the four IDX files"
         )
     where = resolve(path)
+    if where is None and (there := prefixes_in(path.parent)):
+        raise DataError(f"{path}: no such folder, and {path.parent} holds no set named "
+                        f"{path.name!r}: expected one of {', '.join(there)}")
     if where is None:
         raise DataError(
             f"{path}: no such folder, expected a folder holding the four IDX files "
