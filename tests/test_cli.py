@@ -118,6 +118,10 @@ def test_second_train_into_an_existing_run_is_refused(tmp_path, capsys, isolated
     (["summary", "--preset", "x"], "unknown preset 'x'"),
     (["data", "fetch", "imagenet"], "unknown data set 'imagenet'"),
     (["frobnicate"], "invalid choice"),
+    (["train", "extra"], "lenet train: error: unrecognized arguments: extra (see 'lenet train "
+                         "--help')"),
+    (["predict", "run", "a.png", "--json", "b.png"], "lenet predict: error: unrecognized "
+     "arguments: b.png; give the files before the options (see 'lenet predict --help')"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(args, expect, isolated_env):
     r = run_cli(*args)

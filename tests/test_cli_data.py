@@ -41,6 +41,11 @@ def test_data_fetch_verb(isolated_env, server, monkeypatch, tmp_path, capsys):
     assert cli.main(["data", "fetch", "mnist", "--dest", str(tmp_path / "m")]) == 0
     assert "mnist: ready in" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(STANDARD_FILES.values())
+    monkeypatch.setenv("LENET_DATA", str(tmp_path / "m"))
+    assert cli.main(["data", "fetch", "mnist"]) == 0  # found: no download
+    assert capsys.readouterr().out == (f"mnist: already here, in {tmp_path / 'm'} "
+                                       "($LENET_DATA); nothing to fetch (--dest DIR downloads "
+                                       "a copy)\n")
 
 
 def test_any_idx_folder_with_class_names(isolated_env, tmp_path, capsys):

@@ -111,7 +111,7 @@ def test_bad_config_files_are_one_line(data, tmp_path, capsys, isolated_env):
 def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isolated_env):
     assert _train(data, tmp_path / "sig", "--epochs", "2") == 0
     assert _train(data, tmp_path / "relu", "--epochs", "2", "--activation", "relu",
-                  "--lr", "0.05") == 0
+                  "--lr", "0.05", "--convs", "6:5:2,16:5,32:3") == 0
     capsys.readouterr()
     png = tmp_path / "cmp.png"
     assert cli.main(["compare", str(tmp_path / "sig"), str(tmp_path / "relu"),
@@ -119,6 +119,8 @@ def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isol
     out = capsys.readouterr().out
     assert "model.activation=sigmoid" in out and "model.activation=relu" in out
     assert "train.lr=0.9" in out and "61,706" in out
+    assert "model.convs=6:5:2,16:5:0" in out and "model.convs=6:5:2,16:5:0,32:3:0" in out
+    assert "data.classes" not in out
     with Image.open(png) as im:
         assert im.size[0] > 600 and im.convert("L").getextrema()[0] < 200  # not blank
     assert cli.main(["compare", str(tmp_path / "nope")]) == 1

@@ -152,6 +152,8 @@ ERRORS = [
     ("get", "/api/example?index=200", None, {}, 400, "index=200: expected 0 to 199"),
     ("get", "/api/example?index=-1", None, {}, 400, "index=-1: expected 0 to 199"),
     ("get", "/api/example?index=x", None, {}, 400, "index=x: expected 0 to 199"),
+    ("get", "/api/example?class=coat&index=3", None, {}, 400,
+     "give class=NAME or index=N, not both"),
     ("post", "/api/predict?model=2", b"\0" * 784, {"Content-Type": "application/octet-stream"},
      400, "model=2: expected 0 to 1 (2 runs served)"),
     ("post", "/api/predict?model=a", b"\0" * 784, {"Content-Type": "application/octet-stream"},

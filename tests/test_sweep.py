@@ -218,6 +218,9 @@ def test_sweep_writes_trials_best_json_and_figures_and_resumes_to_the_total(
     assert cli.main(argv) == 0  # the same command again: the study is full
     text = capsys.readouterr().out
     assert "3 of 3 trials done" in text and "trial 3" not in text
+    assert cli.main([*argv[:argv.index("--n-trials") + 1], "2",
+                     *argv[argv.index("--n-trials") + 2:]]) == 0
+    assert "3 trials done (more than --n-trials 2: nothing to run)" in capsys.readouterr().out
     assert len(optuna.load_study(study_name="space",
                                  storage=f"sqlite:///{out / 'sweep.db'}").trials) == 3
 
@@ -238,10 +241,11 @@ def test_an_invalid_sampled_config_fails_its_trial_with_the_reason(tmp_path, cap
                             'padding = {choices = ["valid"]}\n')
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--space", str(space), "--n-trials", "1", "--data", str(data),
-                     "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+                     "--out", str(out)]) == 1  # the sweep found no answer
+    text, err = capsys.readouterr()
+    assert "sweep 'space': 2 knobs from" in text
     assert "trial 0: fail (conv3: a 5x5 kernel with padding 0 does not fit" in text
-    assert "no trial completed: no best.json" in text and not (out / "best.json").exists()
+    assert "no trial completed: no best.json" in err and not (out / "best.json").exists()
 
 
 def test_a_diverging_recipe_is_pruned_with_the_reason_so_the_sampler_learns(tmp_path, capsys,
@@ -250,8 +254,9 @@ def test_a_diverging_recipe_is_pruned_with_the_reason_so_the_sampler_learns(tmp_
     space = write(tmp_path, 'preset = "modern"\n[space.train]\nlr = {choices = [100.0]}\n')
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--space", str(space), "--n-trials", "1", "--epochs", "2",
-                     "--data", str(data), "--out", str(out)]) == 0
+                     "--data", str(data), "--out", str(out)]) == 1
     text = capsys.readouterr().out
+    assert "sweep 'space': 1 knob from" in text
     assert re.search(r"trial 0: pruned \(epoch 1, step \d+: the training loss (reached "
                      r"\S+ per example|is not finite) \(training diverged\)", text), text
     study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'sweep.db'}")
@@ -269,3 +274,12 @@ def test_best_json_is_a_whole_config(tmp_path):
     path = tmp_path / "best.json"
     path.write_text(cfg.to_json())
     assert RunConfig.from_dict(json.loads(path.read_text())) == cfg
+
+
+def test_a_storage_that_fails_to_open_leaves_no_empty_out_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "sweep"
+    assert cli.main(["sweep", "--space", str(EXERCISE2), "--n-trials", "1", "--storage",
+                     "foo://bar", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lenet: error: ") and err.count("\n") == 1, err
+    assert not out.exists()

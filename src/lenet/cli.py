@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
+    p.set_defaults(_verbs=verbs)
 
     t = verbs.add_parser("train", help="train a network and write a run folder",
                          description="Flags beat --config FILE, which beats the preset.")
@@ -175,7 +176,13 @@ def build_config(a) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # said by the verb's own parser, which names the verb and its --help
+        # A list of files ends at the first option: `predict RUN a.png --json b.png`.
+        hint = ("; give the files before the options" if args.verb in ("predict", "compare")
+                and any(not e.startswith("-") for e in extra) else "")
+        args._verbs.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    del args._verbs
     try:
         from lenet import cli_data, cli_more, cli_sweep
         from lenet.outliving_stdout import output_outlives_reader
@@ -519,7 +526,9 @@ def cmd_compare(a) -> int:
     for path in a.runs:
         folder = RunFolder(path)
         runs.append((folder, folder.read_config(), read_history(folder)))
-    flat = [_flatten(cfg.to_dict()) for _, cfg, _ in runs]
+    # data.classes follows data.name, which already says the data differ.
+    flat = [{k: v for k, v in _flatten(cfg.to_dict()).items() if k != "data.classes"}
+            for _, cfg, _ in runs]
     differ = [k for k in flat[0] if len({json.dumps(f.get(k)) for f in flat}) > 1]
     differ += [k for k in {k for f in flat for k in f} - set(flat[0])]
     print(f"{'run':<28} {'params':>8} {'final acc':>9} {'best acc':>8} {'seconds':>8}  differs in")
@@ -546,9 +555,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _short(v) -> str:
-    if isinstance(v, list) and v and isinstance(v[0], dict):  # convs
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):  # convs
         return ",".join(":".join(str(x) for x in c.values()) for c in v)
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return ",".join(map(str, v)) or "none"
     return str(v)
 

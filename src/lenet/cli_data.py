@@ -33,6 +33,11 @@ def cmd_data(a) -> int:
         if a.name not in sources.DATASETS:
             raise ConfigError(f"unknown data set '{a.name}': expected one of "
                               f"{', '.join(sources.DATASETS)}")
+        found = None if a.dest else sources.locate(a.name)
+        if found is not None:
+            print(f"{a.name}: already here, in {found[1]} ({found[0]}); nothing to fetch "
+                  "(--dest DIR downloads a copy)")
+            return 0
         dest = Path(a.dest) if a.dest else None
         folder = sources.fetch(sources.DATASETS[a.name], dest, report=_info)
         print(f"{a.name}: ready in {folder}")

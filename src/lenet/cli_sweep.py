@@ -24,9 +24,10 @@ def add_parser(verbs) -> None:
     s.add_argument("--workers", type=int, default=1, metavar="W",
                    help="worker processes on this machine (default 1), each with cores/W "
                         "torch threads")
-    s.add_argument("--storage", metavar="URL", help="default sqlite:///OUT/sweep.db (one "
+    s.add_argument("--storage", metavar="URL|PATH", help="default sqlite:///OUT/sweep.db (one "
                    "worker) or the journal file OUT/sweep.journal (several); "
-                   "postgresql+psycopg://... to share the study between machines")
+                   "postgresql+psycopg://... to share the study between machines; a path "
+                   "without a scheme is a journal file")
     s.add_argument("--study", metavar="NAME", help="study name (default: the space file's)")
     s.add_argument("--epochs", type=int, metavar="E",
                    help="every trial trains E epochs (beats the space)")
@@ -59,6 +60,7 @@ def cmd_sweep(a) -> int:
     if a.workers > 1 and storage.url.startswith("sqlite"):
         raise ConfigError("--workers with SQLite: Optuna advises against parallel SQLite "
                           "writers; leave out --storage (a journal file) or use PostgreSQL")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     job = {"space": str(a.space), "out": str(out), "storage": storage,
@@ -67,10 +69,16 @@ def cmd_sweep(a) -> int:
            "device": a.device, "seed": a.seed, "heartbeat": a.heartbeat,
            "threads": max(1, (cores or 1) // a.workers) if a.workers > 1 else None}
     sweep.quiet_optuna()
-    study = _open_study(job, space)
+    try:
+        study = _open_study(job, space)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a storage that fails leaves no empty --out
+            out.rmdir()
+        raise
     done = sweep.counts(study).done
-    print(f"sweep '{job['study']}': {len(space.params)} knobs from {a.space}; "
-          f"storage {storage.describe()}; {done} of {a.n_trials} trials done", flush=True)
+    knobs = len(space.params)
+    print(f"sweep '{job['study']}': {knobs} knob{'s' if knobs != 1 else ''} from {a.space}; "
+          f"storage {storage.describe()}; {_done(done, a.n_trials)}", flush=True)
     if a.workers == 1:
         _work(job, _say)
     else:
@@ -252,7 +260,7 @@ def _report(study, out: Path, n_trials: int) -> int:
     atomic_write(out / "trials.txt", lambda f: f.write(table.encode()))
     found = sweep.best_config(study)
     if found is None:
-        print("no trial completed: no best.json")
+        print("no trial completed: no best.json", file=sys.stderr)
     else:
         trial, best = found
         atomic_write(out / "best.json", lambda f: f.write(best.to_json().encode()))
@@ -269,7 +277,13 @@ def _report(study, out: Path, n_trials: int) -> int:
         print(f"{done} of {n_trials} trials done; run the same command again to go on",
               file=sys.stderr)
         return 1
-    return 0
+    return 0 if found is not None else 1  # every trial failed or was pruned: no answer
+
+
+def _done(done: int, n_trials: int) -> str:
+    if done > n_trials:
+        return f"{done} trials done (more than --n-trials {n_trials}: nothing to run)"
+    return f"{done} of {n_trials} trials done"
 
 
 HANDLERS = {"sweep": cmd_sweep}

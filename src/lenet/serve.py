@@ -242,6 +242,8 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
             raise Rejected(503, test_note or "no test set is loaded")
         q = request.query_params
         n = len(test.labels)
+        if "index" in q and "class" in q:
+            raise Rejected(400, "give class=NAME or index=N, not both")
         if "index" in q:
             text = q["index"]
             i = int(text) if text.strip().isdigit() else -1
