@@ -2,6 +2,8 @@
 report `lenet evaluate` prints. Also the trained runs the inspection tests share."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,9 @@ def test_report_on_the_real_data(tmp_path_factory, tmp_path, capsys):
     assert len(confused) == 5 and all("->" in line for line in confused)
     assert_picture(tmp_path / "confusion.png", (500, 450), (1500, 1400))
     assert_picture(tmp_path / "misclassified.png", (800, 500), (1500, 1200))
+
+
+def test_a_checkpoint_from_before_the_first_epoch_ended_is_not_called_epoch_0(tiny_run):
+    run = report.load_run(tiny_run)
+    assert run.epoch_words == "epoch 1"
+    assert dataclasses.replace(run, epoch=0).epoch_words == "stopped during epoch 1"

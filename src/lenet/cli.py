@@ -490,18 +490,13 @@ def cmd_evaluate(a) -> int:
     p = classify(model, test, forward=fused.inference_forward(model, device))
     resized = (f" (resized from {rows}x{cols} to {size}x{size})"
                if resize is not None and cfg.data.resize is None else "")
-    print(f"{run.checkpoint} ({_epoch_words(run)}) on {ds.name} test set, "
+    print(f"{run.checkpoint} ({run.epoch_words}) on {ds.name} test set, "
           f"{test.num_examples:,} images{resized}: test loss {p.loss:.4f}, "
           f"test acc {p.accuracy:.4f}")
     # The run's own report stays; another data set's gets figures of its own.
     print_report(p, ds, run.folder, suffix="" if data == cfg.data.name else f"-{ds.name}")
     return 0
 
-
-def _epoch_words(run) -> str:
-    """"epoch 3", or for a checkpoint written before the first epoch ended (Ctrl-C)
-    "stopped during epoch 1"."""
-    return f"epoch {run.epoch}" if run.epoch else "stopped during epoch 1"
 
 
 def cmd_summary(a) -> int:

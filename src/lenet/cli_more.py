@@ -169,7 +169,7 @@ def cmd_activations(a) -> int:
               for i, (p, k) in enumerate(zip(probes, pred, strict=True))]
     maps = {f"conv{n[3:]} → {cfg.model.activation}": acts[n].numpy() for n in layers}
     plots.activations_figure(images, labels, maps, out,
-                             title=f"{run.folder.name} ({run.checkpoint.name}, epoch {run.epoch})")
+                             title=f"{run.folder.name} ({run.checkpoint.name}, {run.epoch_words})")
 
     above = inspect.active_threshold(cfg.model.activation)
     table = [["input", "true", "predicted"] + [f"{n} {s}" for n in layers

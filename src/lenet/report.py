@@ -26,6 +26,12 @@ class LoadedRun:
     checkpoint: Path
     epoch: int  # epochs completed when the checkpoint was written
 
+    @property
+    def epoch_words(self) -> str:
+        """"epoch 3", or for a checkpoint written before the first epoch ended (Ctrl-C)
+        "stopped during epoch 1"."""
+        return f"epoch {self.epoch}" if self.epoch else "stopped during epoch 1"
+
 
 def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
     """The network of a run folder, from its last.ckpt or best.ckpt; raises RunFolderError
