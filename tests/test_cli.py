@@ -354,6 +354,24 @@ def test_a_run_records_its_class_names_and_resumes_from_moved_data(tmp_path, cap
     assert capsys.readouterr().err == (
         f"lenet: error: {other}: holds 4 classes of 28x28 images; the run was trained on 3 "
         "classes of 28x28\n")
+    renamed = make_idx_folder(tmp_path / "renamed", n_train=60, n_test=20, classes=3)
+    (renamed / "classes.txt").write_text("cat\ndog\nelk\n")
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--data",
+                     str(renamed)]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {renamed}: names class 2 'elk', the run 'owl'; --resume --data is for "
+        "the same data moved\n")
+    moved.rename(tmp_path / "gone")  # evaluate and activations say where the data was named
+    for verb in (["evaluate", str(run)], ["activations", str(run)]):
+        assert cli.main(verb) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(f"(the data set {run / 'config.json'} names; --data points at it "
+                            "elsewhere)\n") and err.count("\n") == 1, err
+    for verb in (["evaluate", str(run), "--data", str(tmp_path / "gone")],
+                 ["activations", str(run), "--data", str(tmp_path / "gone"), "--out",
+                  str(tmp_path / "a.png")]):
+        assert cli.main(verb) == 0
+    assert "test #" in capsys.readouterr().out
 
 
 def test_resuming_a_scheduled_run_for_more_epochs_says_it_changes_the_schedule(

@@ -119,3 +119,19 @@ def test_pixel_stats_match_numpys_over_chunks():
     assert mean == pytest.approx(images.mean() / 255, rel=1e-12)
     assert std == pytest.approx(images.std() / 255, rel=1e-9)
     assert _pixel_stats(np.full((3, 2, 2), 255, np.uint8)) == (1.0, 0.0)
+
+
+def test_data_show_of_a_folder_with_both_layouts_shows_both_and_of_a_file_says_so(
+        isolated_env, tmp_path, capsys):
+    from test_layout import emnist_like
+
+    mixed = make_idx_folder(tmp_path / "mixed", n_train=60, n_test=20, classes=3)
+    emnist_like(mixed, "emnist-letters")
+    assert cli.main(["data", str(mixed)]) == 0
+    first, second = capsys.readouterr().out.split("\n\n")
+    assert first.startswith(f"mixed from {mixed} (--data)")
+    assert second.startswith(f"emnist-letters from {mixed} (--data)")
+    assert cli.main(["data", "show", str(mixed / "train-images-idx3-ubyte.gz")]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {mixed / 'train-images-idx3-ubyte.gz'}: is a file, expected a folder "
+        "holding the four IDX files, or FOLDER/PREFIX of a set in one\n")

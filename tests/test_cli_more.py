@@ -73,16 +73,21 @@ def test_predict_takes_a_folder_as_its_image_files_in_name_order(run, pictures, 
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / ".hidden.png")
     (folder / "sub.png").mkdir()
     (tmp_path / "empty").mkdir()
-    args = ["predict", str(run), str(folder), str(tmp_path / "empty"), "--json"]
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # reported
+    args = ["predict", str(run), str(folder), str(tmp_path / "empty"), str(tmp_path / "links"),
+            "--json"]
     assert cli.main(args) == 1
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert [d["file"] for d in doc] == [str(folder / "coat.jpg"), str(folder / "line.png"),
-                                        str(folder / "notes.png"), str(tmp_path / "empty")]
+                                        str(folder / "notes.png"), str(tmp_path / "empty"),
+                                        str(tmp_path / "links" / "gone.png")]
+    assert doc[4]["error"] == "no such file"
     assert "top" in doc[0] and "top" in doc[1] and doc[2]["error"].startswith("not a PNG")
     assert doc[3]["error"] == ("holds no image files, expected .png, .jpg, .jpeg, .gif, .bmp, "
                                ".tif, .tiff, .webp")
-    assert err.splitlines()[-1] == f"lenet: error: {tmp_path / 'empty'}: {doc[3]['error']}"
+    assert err.splitlines()[-2] == f"lenet: error: {tmp_path / 'empty'}: {doc[3]['error']}"
     assert cli.main(["predict", str(run), str(folder / "coat.jpg")]) == 0
     alone = capsys.readouterr().out
     assert cli.main(["predict", str(run), str(folder)]) == 1

@@ -107,13 +107,16 @@ def test_choose_keeps_the_order_of_the_selectors(tmp_path):
                                                              noises=["uniform"])[0].image)
 
 
-def test_choose_default_is_two_pullovers_and_two_coats_else_the_first_four():
+def test_choose_default_is_pullovers_and_coats_else_the_first_two_classes_present():
     probes = inspect.choose(_split(), FASHION)
     assert [(p.name, p.label) for p in probes] == [
         ("test #1", "Pullover"), ("test #2", "Pullover"), ("test #0", "Coat"),
         ("test #3", "Coat")]
-    digits = [str(k) for k in range(10)]
-    assert [p.name for p in inspect.choose(_split(), digits)] == [f"test #{i}" for i in range(4)]
+    digits = [str(k) for k in range(10)]  # labels 4, 2, 2, 4, 2, 0, 4: classes 0 and 2
+    assert [(p.name, p.label) for p in inspect.choose(_split(), digits)] == [
+        ("test #5", "0"), ("test #1", "2"), ("test #2", "2")]
+    assert [p.name for p in inspect.choose(_split(), digits, per_class=1)] == [
+        "test #5", "test #1"]
 
 
 def test_choose_errors():

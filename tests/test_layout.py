@@ -154,3 +154,35 @@ def test_train_evaluate_predict_on_an_emnist_split(emnist, tmp_path, capsys, mon
     capsys.readouterr()
     assert cli.main(["train", "--data", str(folder), "--epochs", "1", "--no-progress"]) == 1
     assert "holds 2 data sets (emnist-digits, emnist-letters)" in capsys.readouterr().err
+
+
+def test_a_folder_of_one_prefixed_set_is_recorded_as_that_set(tmp_path, capsys, isolated_env):
+    """A second set unpacked beside it later must not make the run's data ambiguous."""
+    folder = tmp_path / "em"
+    folder.mkdir()
+    emnist_like(folder, "emnist-letters")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(folder), "--epochs", "1", "--batch-size", "50",
+                     "--out", str(run), "--no-progress"]) == 0
+    assert RunConfig.from_json_file(run / "config.json").data.name == str(
+        folder / "emnist-letters")
+    emnist_like(folder, "emnist-digits", classes=4, first_label=0, seed=1)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run)]) == 0
+    assert "on emnist-letters test set, 50 images" in capsys.readouterr().out
+
+
+def test_a_mapping_names_each_label_in_use_once(tmp_path):
+    emnist_like(tmp_path, "emnist-letters")
+    mapping = tmp_path / "emnist-letters-mapping.txt"
+    mapping.write_text("1 65\n2 65\n3 67\n4 68\n5 69\n")
+    with pytest.raises(DataError) as err:
+        sources.load(tmp_path)
+    assert str(err.value) == (f"{mapping}: line 2 names label 2 'A', as another label is "
+                              "named; expected unique names")
+    mapping.write_text("1 65\n3 67\n5 69\n")  # labels 2 and 4 carry images
+    with pytest.raises(DataError) as err:
+        sources.load(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path / 'emnist-letters-train-labels-idx1-ubyte.gz'}: 30 images have label 2, "
+        f"which {mapping} does not name; expected a line for every label in use")

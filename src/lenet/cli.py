@@ -247,17 +247,46 @@ def _load_data(name: str, download: bool = True, quiet: bool = False):
     return sources.load(name, download=download, report=None if quiet else _info)
 
 
+def run_data(run, given: str | None):
+    """The data set a verb shows a trained run: --data GIVEN, else the one it was trained on
+    (an error then says where that was recorded, and that --data points elsewhere); its class
+    count must be the model's."""
+    from lenet.errors import DataError
+
+    if given:
+        ds = _load_data(_data_name(given))
+    else:
+        try:
+            ds = _load_data(run.config.data.name)
+        except DataError as e:
+            raise DataError(f"{e} (the data set {run.folder / 'config.json'} names; --data "
+                            "points at it elsewhere)") from None
+    if len(ds.classes) != run.config.model.num_classes:
+        raise ConfigError(f"{ds.location}: has {len(ds.classes)} classes; the model in "
+                          f"{run.checkpoint} predicts {run.config.model.num_classes}")
+    return ds
+
+
 def _data_name(value: str | None) -> str | None:
     """A data set name stays a name; a folder becomes an absolute path for config.json."""
     if value is None:
         return None
     from lenet.data import sources
-    from lenet.data.layout import names_prefixed_set
+    from lenet.data.layout import names_prefixed_set, resolve
+    from lenet.errors import DataError
 
     path = Path(value).expanduser()
     if value in sources.DATASETS or not (os.sep in value or path.is_dir()
                                          or names_prefixed_set(path)):
         return value  # a name (unknown ones are reported by sources.load)
+    # A folder holding one prefixed set is recorded as that set: a second set unpacked
+    # beside it later must not make the run's data ambiguous.
+    try:
+        where = resolve(path)
+    except DataError:  # a folder of several sets: sources.load says so where it matters
+        where = None
+    if where is not None and where[1] is not None:
+        return str(where[0].resolve() / where[1])
     return str(path.resolve())
 
 
@@ -267,7 +296,7 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
 
     _, rows, cols = ds.train.images.shape
     if rows != cols:
-        raise ConfigError(f"{ds.folder}: images are {rows}x{cols}; expected square images")
+        raise ConfigError(f"{ds.location}: images are {rows}x{cols}; expected square images")
     model = replace(cfg.model, image_size=cfg.data.resize or rows, num_classes=len(ds.classes))
     feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
     return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
@@ -337,10 +366,15 @@ def _train(a, folders: list, painter=None) -> int:
     cfg = _fit_to_data(cfg, ds)
     if state is not None and cfg.model != state["config"].model:
         was = state["config"].model
-        raise ConfigError(f"{ds.folder}: holds {len(ds.classes)} classes of "
+        raise ConfigError(f"{ds.location}: holds {len(ds.classes)} classes of "
                           f"{ds.train.images.shape[1]}x{ds.train.images.shape[2]} images; "
                           f"the run was trained on {was.num_classes} classes of "
                           f"{was.image_size}x{was.image_size}")
+    named = state["config"].data.classes if state is not None else None
+    if named is not None and named != cfg.data.classes:
+        k = next(k for k, (a, b) in enumerate(zip(named, cfg.data.classes, strict=True)) if a != b)
+        raise ConfigError(f"{ds.location}: names class {k} {cfg.data.classes[k]!r}, the run "
+                          f"{named[k]!r}; --resume --data is for the same data moved")
     model = init_model(cfg.model, cfg.train.seed)
     if state is not None:
         checkpoint.restore_model(ckpt, state, model)
@@ -477,10 +511,7 @@ def cmd_evaluate(a) -> int:
     cfg = run.config
     device = resolve_device(a.device)
     data = _data_name(a.data) or cfg.data.name
-    ds = _load_data(data)
-    if len(ds.classes) != cfg.model.num_classes:
-        raise ConfigError(f"{ds.folder}: has {len(ds.classes)} classes; the model in "
-                          f"{run.checkpoint} predicts {cfg.model.num_classes}")
+    ds = run_data(run, a.data)
     size, (rows, cols) = cfg.model.image_size, ds.test.images.shape[1:]
     # Another data set's images of another size are resized as --resize does in training.
     resize = size if (rows, cols) != (size, size) else None

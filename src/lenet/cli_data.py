@@ -63,14 +63,15 @@ def cmd_data(a) -> int:
 
 
 def _sets(name: str) -> list[str]:
-    """What `show NAME` reads: NAME itself, or each set of a folder that holds several."""
+    """What `show NAME` reads: NAME itself, or each set of a folder: the one under MNIST's
+    names (what --data FOLDER takes) first, then each prefixed set."""
     from lenet.data import layout, sources
 
     path = Path(name).expanduser()
-    if name in sources.DATASETS or not path.is_dir() or not layout.scan(
-            path, layout.STANDARD_FILES)[1]:
+    if name in sources.DATASETS or not path.is_dir():
         return [name]
-    return [str(path / prefix) for prefix in layout.prefixes_in(path)] or [name]
+    standard = [] if layout.scan(path, layout.STANDARD_FILES)[1] else [name]
+    return standard + [str(path / prefix) for prefix in layout.prefixes_in(path)] or [name]
 
 
 def describe(ds) -> list[str]:

@@ -35,6 +35,8 @@ def add_parsers(verbs) -> None:
                    help="images per class (default 2)")
     a.add_argument("--index", type=int, action="append", metavar="N",
                    help="a test image by index (repeatable)")
+    a.add_argument("--data", help="take --classes and --index from another data set or "
+                   "folder (default: the run's)")
     a.add_argument("--image", action="append", metavar="FILE",
                    help="an image file of yours, or a folder of them (repeatable)")
     a.add_argument("--sample", action="append", choices=samples.NAMES,
@@ -127,7 +129,7 @@ def cmd_activations(a) -> int:
     import numpy as np
 
     from lenet import inspect, plots
-    from lenet.cli import _load_data
+    from lenet.cli import run_data
     from lenet.errors import ConfigError
     from lenet.predict import image_files, probabilities, to_input
     from lenet.report import class_names, load_run
@@ -142,7 +144,7 @@ def cmd_activations(a) -> int:
     chosen = names or a.index or a.image or a.sample or a.noise or a.blank
     split, classes = None, class_names(cfg)
     if names or a.index or not chosen:  # only these need the test set
-        ds = _load_data(cfg.data.name)
+        ds = run_data(run, a.data)
         split, classes = ds.test, ds.classes
     probes = inspect.choose(split, classes, class_names=names, per_class=a.per_class,
                             indices=a.index or (), images=images,

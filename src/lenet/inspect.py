@@ -154,9 +154,11 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
 
     nothing = not (class_names or indices or images or samples or noises or blank)
     if nothing:
+        # The chapter's sweaters and coats; on other data, the first two classes present.
         wanted = [c for c in ("pullover", "coat") if c in {x.lower() for x in classes}]
-        class_names = wanted if len(wanted) == 2 else ()
-        indices = () if class_names else range(min(4, len(split.labels) if split else 0))
+        if len(wanted) < 2 and split is not None:
+            wanted = [classes[k] for k in np.unique(split.labels)[:2]]
+        class_names = wanted
     if (class_names or indices) and split is None:
         raise ConfigError("choosing test images needs the run's data set")
     if per_class < 1:

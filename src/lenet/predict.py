@@ -51,8 +51,10 @@ def image_files(folder: str | Path) -> list[Path]:
     Raises ImageError when it holds none or cannot be listed."""
     folder = Path(folder)
     try:
+        # A link to a missing file is kept, to be reported like any missing file.
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES
-                       and not p.name.startswith(".") and p.is_file())
+                       and not p.name.startswith(".") and (p.is_file() or p.is_symlink()
+                                                          and not p.exists()))
     except OSError as exc:
         raise ImageError(folder, f"cannot list the folder ({exc.strerror or exc})") from None
     if not found:

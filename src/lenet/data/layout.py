@@ -26,6 +26,7 @@ STANDARD_FILES: Mapping[str, str] = MappingProxyType(
         "test_labels": "t10k-labels-idx1-ubyte.gz",
     }
 )
+UNUSED = "(unused)"  # the name of a label a mapping skips; no image may carry it
 _PREFIXED = re.compile(r"^(?P<prefix>.+)-train-images[-.]idx3-ubyte(?:\.gz)?$")
 
 
@@ -158,10 +159,13 @@ def read_mapping(path: Path) -> tuple[str, ...]:
                             "0-255 and one or more Unicode code points, e.g. '1 65 97'")
         if label in found:
             raise DataError(f"{path}: label {label} appears twice, expected each once")
+        if name in found.values():
+            raise DataError(f"{path}: line {number} names label {label} {name!r}, as another "
+                            "label is named; expected unique names")
         found[label] = name
     if not found:
         raise DataError(f"{path}: holds no labels, expected lines like '1 65 97'")
-    return tuple(found.get(k, "(unused)") for k in range(max(found) + 1))
+    return tuple(found.get(k, UNUSED) for k in range(max(found) + 1))
 
 
 def _lines(path: Path) -> list[str]:

@@ -25,6 +25,7 @@ from lenet.data.idx import read_idx
 from lenet.data.layout import (
     ROLES,
     STANDARD_FILES,
+    UNUSED,
     class_names,
     names_prefixed_set,
     prefixed_files,
@@ -139,6 +140,12 @@ class Dataset:
     transposed: bool = False  # stored transposed (EMNIST) and turned upright when read
     files: Mapping[str, Path] = field(default_factory=dict)  # the file read for each role
     classes_from: str = ""  # where the class names came from, in words or as a path
+    prefix: str | None = None  # a prefixed set's prefix (layout); None: MNIST's file names
+
+    @property
+    def location(self) -> Path:
+        """The folder, or FOLDER/PREFIX for a prefixed set: what --data names."""
+        return self.folder / self.prefix if self.prefix else self.folder
 
 
 def cache_root() -> Path:
@@ -379,6 +386,9 @@ def load(
             "or a folder holding the four IDX files"
         )
     where = resolve(path)
+    if where is None and path.exists():
+        raise DataError(f"{path}: is a file, expected a folder holding the four IDX files, "
+                        "or FOLDER/PREFIX of a set in one")
     if where is None and (there := prefixes_in(path.parent)):
         raise DataError(f"{path}: no such folder, and {path.parent} holds no set named "
                         f"{path.name!r}: expected one of {', '.join(there)}")
@@ -441,6 +451,8 @@ def _load_folder(
         source = "one more than the largest training label"
     for split, role in ((train, "train_labels"), (test, "test_labels")):
         _check_labels(split.labels, paths[role], len(classes), source)
+        if listed is not None and listed[1].name.endswith("-mapping.txt"):
+            _check_named(split.labels, paths[role], classes, source)
     return Dataset(
         name=name,
         classes=classes,
@@ -451,6 +463,7 @@ def _load_folder(
         transposed=transposed,
         files=MappingProxyType(dict(paths)),
         classes_from=source,
+        prefix=prefix,
     )
 
 
@@ -480,6 +493,15 @@ def _read_split(images_path: Path, labels_path: Path) -> Split:
 
 def _pixels(size: tuple[int, ...]) -> str:
     return "x".join(str(n) for n in size)
+
+
+def _check_named(labels: np.ndarray, path: Path, classes: tuple[str, ...], source: str) -> None:
+    unnamed = [k for k, name in enumerate(classes) if name == UNUSED]
+    counts = np.bincount(labels, minlength=len(classes))
+    used = next((k for k in unnamed if counts[k]), None)
+    if used is not None:
+        raise DataError(f"{path}: {counts[used]:,} images have label {used}, which {source} "
+                        "does not name; expected a line for every label in use")
 
 
 def _check_labels(labels: np.ndarray, path: Path, count: int, source: str) -> None:
