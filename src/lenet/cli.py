@@ -302,6 +302,22 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
     return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
 
 
+def _check_same_data(was: RunConfig, now: RunConfig, ds) -> None:
+    """A resumed run's data (moved, perhaps: --data) must be what it was trained on: the
+    same input size and class count, and the same class names where the run recorded them."""
+    if now.model != was.model:
+        m = was.model
+        raise ConfigError(f"{ds.location}: holds {len(ds.classes)} classes of "
+                          f"{ds.train.images.shape[1]}x{ds.train.images.shape[2]} images; "
+                          f"the run was trained on {m.num_classes} classes of "
+                          f"{m.image_size}x{m.image_size}")
+    named, found = was.data.classes, now.data.classes
+    if named is not None and named != found:
+        k = next(k for k, (a, b) in enumerate(zip(named, found, strict=True)) if a != b)
+        raise ConfigError(f"{ds.location}: names class {k} {found[k]!r}, the run "
+                          f"{named[k]!r}; --resume --data is for the same data moved")
+
+
 def cmd_train(a) -> int:
     from lenet import plots
 
@@ -364,17 +380,8 @@ def _train(a, folders: list, painter=None) -> int:
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
     cfg = _fit_to_data(cfg, ds)
-    if state is not None and cfg.model != state["config"].model:
-        was = state["config"].model
-        raise ConfigError(f"{ds.location}: holds {len(ds.classes)} classes of "
-                          f"{ds.train.images.shape[1]}x{ds.train.images.shape[2]} images; "
-                          f"the run was trained on {was.num_classes} classes of "
-                          f"{was.image_size}x{was.image_size}")
-    named = state["config"].data.classes if state is not None else None
-    if named is not None and named != cfg.data.classes:
-        k = next(k for k, (a, b) in enumerate(zip(named, cfg.data.classes, strict=True)) if a != b)
-        raise ConfigError(f"{ds.location}: names class {k} {cfg.data.classes[k]!r}, the run "
-                          f"{named[k]!r}; --resume --data is for the same data moved")
+    if state is not None:
+        _check_same_data(state["config"], cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)
     if state is not None:
         checkpoint.restore_model(ckpt, state, model)

@@ -19,38 +19,54 @@ def add_parser(verbs) -> None:
 
 
 def cmd_data(a) -> int:
-    from lenet.cli import _data_name, _info
-    from lenet.data import sources
-
     if a.action not in (None, "fetch", "show"):
         if a.name:
             raise ConfigError(f"lenet data: unknown action '{a.action}', expected fetch or show")
         a.action, a.name = "show", a.action  # `lenet data FOLDER`
     if a.action == "fetch":
-        if not a.name:
-            raise ConfigError("lenet data fetch: expected a data set name "
-                              f"({', '.join(sources.DATASETS)})")
-        if a.name not in sources.DATASETS:
-            raise ConfigError(f"unknown data set '{a.name}': expected one of "
-                              f"{', '.join(sources.DATASETS)}")
-        found = None if a.dest else sources.locate(a.name)
-        if found is not None:
-            print(f"{a.name}: already here, in {found[1]} ({found[0]}); nothing to fetch "
-                  "(--dest DIR downloads a copy)")
-            return 0
-        dest = Path(a.dest) if a.dest else None
-        folder = sources.fetch(sources.DATASETS[a.name], dest, report=_info)
-        print(f"{a.name}: ready in {folder}")
-        return 0
+        return _fetch(a.name, a.dest)
     if a.action == "show":
-        if not a.name:
-            raise ConfigError("lenet data show: expected a data set name "
-                              f"({', '.join(sources.DATASETS)}) or a folder")
         if a.dest:
             raise ConfigError("lenet data show: --dest is for fetch")
-        for i, target in enumerate(_sets(_data_name(a.name))):
-            print(("\n" if i else "") + "\n".join(describe(sources.load(target, download=False))))
+        return _show(a.name)
+    return _status()
+
+
+def _fetch(name: str | None, dest: str | None) -> int:
+    from lenet.cli import _info
+    from lenet.data import sources
+
+    if not name:
+        raise ConfigError("lenet data fetch: expected a data set name "
+                          f"({', '.join(sources.DATASETS)})")
+    if name not in sources.DATASETS:
+        raise ConfigError(f"unknown data set '{name}': expected one of "
+                          f"{', '.join(sources.DATASETS)}")
+    found = None if dest else sources.locate(name)
+    if found is not None:
+        print(f"{name}: already here, in {found[1]} ({found[0]}); nothing to fetch "
+              "(--dest DIR downloads a copy)")
         return 0
+    folder = sources.fetch(sources.DATASETS[name], Path(dest) if dest else None, report=_info)
+    print(f"{name}: ready in {folder}")
+    return 0
+
+
+def _show(name: str | None) -> int:
+    from lenet.cli import _data_name
+    from lenet.data import sources
+
+    if not name:
+        raise ConfigError("lenet data show: expected a data set name "
+                          f"({', '.join(sources.DATASETS)}) or a folder")
+    for i, target in enumerate(_sets(_data_name(name))):
+        print(("\n" if i else "") + "\n".join(describe(sources.load(target, download=False))))
+    return 0
+
+
+def _status() -> int:
+    from lenet.data import sources
+
     for row in sources.status():
         where = f"{row['found'][1]} ({row['found'][0]})" if row["found"] else "missing"
         print(f"{row['name']:<14} {where}")
