@@ -200,6 +200,12 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, is
     state = load(run / "last.ckpt")
     assert state["partial"] is not None and state["partial"]["step"] >= 1
     done = state["epoch"]
+    r = run_cli("evaluate", run)
+    assert f"last.ckpt (stopped during epoch {done + 1}) on data test set" in r.stdout
+    if done:  # --epochs may not end the run before the epoch it stopped in
+        r = run_cli("train", "--resume", run, "--epochs", done)
+        assert r.returncode == 1 and (f"the run stopped during epoch {done + 1}, so it needs "
+                                      f"at least {done + 1}") in r.stderr
     r = run_cli("train", "--resume", run, "--epochs", done + 1)  # finish the cut epoch
     assert r.returncode == 0, r.stderr
     rows = list(csv.reader((run / "metrics.csv").open()))
@@ -403,3 +409,46 @@ def test_evaluate_on_data_of_another_size_resizes_and_keeps_the_runs_own_report(
         assert "on big test set, 30 images (resized from 32x32 to 28x28): test loss" in out
         assert f"figures: {run / 'confusion-big.png'}, {run / 'misclassified-big.png'}" in out
     assert (run / "confusion.png").read_bytes() == own
+
+
+def test_a_resume_mends_metrics_and_best_left_behind_by_a_kill_between_writes(
+        tmp_path, capsys, isolated_env):
+    """The state a SIGKILL between the checkpoint renames of an older version could leave:
+    last.ckpt of epoch 3, best.ckpt and metrics.csv of epoch 2. A resume (even with no epoch
+    left to train) rewrites metrics.csv from last.ckpt's history and saves the best epoch."""
+    import shutil
+
+    data = make_idx_folder(tmp_path / "data", n_train=300, n_test=100)
+    run, old = tmp_path / "run", tmp_path / "old"
+    assert cli.main(["train", "--data", str(data), "--preset", "modern", "--epochs", "2",
+                     "--out", str(run), "--no-progress"]) == 0
+    shutil.copytree(run, old)
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    history = load(run / "last.ckpt")["history"]
+    for name in ("best.ckpt", "metrics.csv"):
+        shutil.copy(old / name, run / name)
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 0
+    rows = list(csv.reader((run / "metrics.csv").open()))[1:]
+    assert [float(r[4]) for r in rows] == pytest.approx([h["test_acc"] for h in history])
+    best = max(range(3), key=lambda i: (history[i]["test_acc"], i))
+    assert load(run / "best.ckpt")["epoch"] == best + 1
+
+
+def test_a_folder_with_checkpoints_but_no_config_is_never_overwritten(tmp_path, capsys,
+                                                                     isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--out", str(run),
+                     "--no-progress"]) == 0
+    (run / "config.json").unlink()
+    before = (run / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--out", str(run)]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {run}: holds a run's last.ckpt, best.ckpt, metrics.csv (its "
+        "config.json is gone); choose another --out\n")
+    assert (run / "last.ckpt").read_bytes() == before
+    (run / "last.ckpt").unlink()
+    assert cli.main(["train", "--data", str(data), "--out", str(run)]) == 1
+    assert "holds a run's best.ckpt, metrics.csv but no last.ckpt to resume from" in \
+        capsys.readouterr().err

@@ -215,3 +215,5 @@ def test_a_checkpoint_from_before_the_first_epoch_ended_is_not_called_epoch_0(ti
     run = report.load_run(tiny_run)
     assert run.epoch_words == "epoch 1"
     assert dataclasses.replace(run, epoch=0).epoch_words == "stopped during epoch 1"
+    assert dataclasses.replace(run, epoch=3, partial=True).epoch_words == (
+        "stopped during epoch 4")

@@ -283,3 +283,29 @@ def test_a_storage_that_fails_to_open_leaves_no_empty_out_folder(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("lenet: error: ") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_seeded_rerun_draws_new_parameters_and_a_changed_setup_is_refused(
+        tmp_path, capsys, isolated_env):
+    """Rerunning the same seeded command goes on sampling (the seed alone redrew trial 0's
+    parameters); another --data or --epochs would rank incomparable trials together."""
+    data = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    space = write(tmp_path, '[space.train]\nlr = { low = 0.01, high = 0.5, log = true }\n')
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--space", str(space), "--epochs", "1", "--data", str(data), "--out",
+            str(out), "--seed", "0", "--pruner", "none", "--n-trials"]
+    assert cli.main([*argv, "2"]) == 0
+    assert cli.main([*argv, "4"]) == 0
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'sweep.db'}")
+    lrs = [t.params["train.lr"] for t in study.trials]
+    assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+    capsys.readouterr()
+    assert cli.main([*argv[:4], "2", *argv[5:], "5"]) == 1
+    assert capsys.readouterr().err == (
+        "lenet: error: study 'space' ran its trials with --epochs 1, this run asks for 2: "
+        "trials would not be comparable; use the same, or another --study name or --out "
+        "folder\n")
+    other = make_idx_folder(tmp_path / "other", n_train=60, n_test=20)
+    assert cli.main([*argv[:6], str(other), *argv[7:], "5"]) == 1
+    assert f"ran its trials with --data {data}, this run asks for {other}" in \
+        capsys.readouterr().err

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 from dataclasses import replace
@@ -368,6 +369,10 @@ def _train(a, folders: list, painter=None) -> int:
         if cfg.train.epochs < state["epoch"]:
             raise ConfigError(f"--epochs {cfg.train.epochs}: the run already has "
                               f"{state['epoch']} epochs")
+        if state.get("partial") is not None and cfg.train.epochs == state["epoch"]:
+            raise ConfigError(f"--epochs {cfg.train.epochs}: the run stopped during epoch "
+                              f"{state['epoch'] + 1}, so it needs at least "
+                              f"{state['epoch'] + 1}")
     else:
         cfg = build_config(a)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
@@ -431,7 +436,7 @@ def _train(a, folders: list, painter=None) -> int:
         trainer.fit(model, train, test)
     except TrainingInterrupted as e:
         progress.say(f"{e}: saved {folder.last}")
-        progress.say(f"resume with: lenet train --resume {folder.path}")
+        progress.say(f"resume with: lenet train --resume {shlex.quote(str(folder.path))}")
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -103,7 +103,8 @@ def _open_study(job: dict, space, worker: int = 0):
     storage = sweep.open_storage(job["storage"], job["heartbeat"])
     seed = None if job["seed"] is None else job["seed"] + worker
     return sweep.open_study(storage, job["study"], space,
-                            sweep.make_pruner(job["pruner"], job["epochs"]), seed)
+                            sweep.make_pruner(job["pruner"], job["epochs"]), seed,
+                            setup={"data": job["data"], "epochs": job["epochs"]})
 
 
 def _spawn(job: dict, workers: int) -> None:

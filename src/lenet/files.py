@@ -11,7 +11,10 @@ def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`,
     so a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # named after the file asked for, not the temp file's random name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         if hasattr(os, "fchmod"):  # POSIX (Windows has it from Python 3.13, and no modes)
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others

@@ -25,12 +25,15 @@ class LoadedRun:
     model: torch.nn.Sequential  # on the CPU, in eval mode
     checkpoint: Path
     epoch: int  # epochs completed when the checkpoint was written
+    partial: bool = False  # written mid-epoch (Ctrl-C): the weights are from epoch + 1
 
     @property
     def epoch_words(self) -> str:
-        """"epoch 3", or for a checkpoint written before the first epoch ended (Ctrl-C)
-        "stopped during epoch 1"."""
-        return f"epoch {self.epoch}" if self.epoch else "stopped during epoch 1"
+        """"epoch 3", or for a checkpoint written mid-epoch (Ctrl-C) "stopped during
+        epoch 4"."""
+        if self.partial or not self.epoch:
+            return f"stopped during epoch {self.epoch + 1}"
+        return f"epoch {self.epoch}"
 
 
 def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
@@ -45,7 +48,8 @@ def load_run(run_dir: str | Path, which: str = "last") -> LoadedRun:
     cfg = state["config"]
     model = build(cfg.model)
     checkpoint.restore_model(path, state, model)
-    return LoadedRun(folder.path, cfg, model.eval(), path, int(state["epoch"]))
+    return LoadedRun(folder.path, cfg, model.eval(), path, int(state["epoch"]),
+                     partial=state.get("partial") is not None)
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:

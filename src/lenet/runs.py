@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lenet import checkpoint, plots
 from lenet.config import RunConfig
-from lenet.errors import RunFolderError
+from lenet.errors import LenetError, RunFolderError
 from lenet.files import atomic_write
 from lenet.train import METRIC_COLUMNS, Callback, EpochMetrics, Trainer, mean_examples_per_s
 
@@ -66,6 +66,12 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
         self._lock_fd = fd  # closing it releases the lock
+        # Temp files of a writer killed mid-write (files.atomic_write): with the lock held,
+        # nobody else is writing them.
+        for target in (self.config, self.metrics, self.curves, self.summary, self.last,
+                       self.best):
+            for stale in self.path.glob(f".{target.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -77,6 +83,13 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"{self.path}: is a file, expected a folder for the run "
                                  "(--out names the run folder)")
+        files = [p.name for p in (self.last, self.best, self.metrics) if p.exists()]
+        if files and not self.last.exists():
+            raise RunFolderError(f"{self.path}: holds a run's {', '.join(files)} but no "
+                                 "last.ckpt to resume from; choose another --out")
+        if files and not self.config.exists():
+            raise RunFolderError(f"{self.path}: holds a run's {', '.join(files)} (its "
+                                 "config.json is gone); choose another --out")
         if self.config.exists() and not self.last.exists():
             raise RunFolderError(f"{self.path}: holds a run that stopped before its first "
                                  "checkpoint, so there is nothing to resume; remove the folder "
@@ -95,6 +108,9 @@ class RunFolder:
         return RunConfig.from_json_file(self.config)
 
     def checkpoint_for_resume(self) -> Path:
+        if not self.last.is_file() and self.best.is_file():
+            raise RunFolderError(f"{self.path}: has no last.ckpt to resume from, but a "
+                                 "best.ckpt: copy it to last.ckpt to resume from the best epoch")
         if not self.last.is_file():
             raise RunFolderError(f"{self.path}: has no last.ckpt to resume from "
                                  f"(the run stopped before its first epoch ended)")
@@ -129,9 +145,11 @@ def read_history(folder: RunFolder) -> list[EpochMetrics]:
 
 
 class RunWriter(Callback):
-    """Writes the run folder as training goes: after every epoch a checkpoint (last.ckpt,
-    and best.ckpt when test accuracy improves), metrics.csv and curves.png; at the end
-    summary.txt. The checkpoint is written first, so metrics.csv never runs ahead of it."""
+    """Writes the run folder as training goes: after every epoch best.ckpt (when test
+    accuracy improves), metrics.csv, then last.ckpt, and curves.png; at the end summary.txt.
+    last.ckpt is the commit: a process killed before its rename resumes from the epoch before
+    and redoes this one, and a resume first rewrites metrics.csv from the checkpoint's own
+    history (and best.ckpt, when the resumed epoch is the best and best.ckpt missed it)."""
 
     # Drawing curves.png costs ~0.25 s, 10% of a book epoch here (the first one ~0.7 s, with
     # matplotlib's import): drawn after an epoch only when training started, or the last
@@ -147,14 +165,28 @@ class RunWriter(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._plotted = (0, time.monotonic())
+        if trainer.history:  # resuming: make the folder agree with last.ckpt
+            with self._writing():
+                self.folder.write_metrics(trainer.history)
+                if trainer.partial is None and self._best_missed(trainer):
+                    self._save(self.folder.best, trainer)
+
+    def _best_missed(self, trainer: Trainer) -> bool:
+        """Whether the resumed epoch is the best so far but best.ckpt does not hold it."""
+        if trainer.history[-1].test_acc < max(m.test_acc for m in trainer.history):
+            return False
+        try:
+            return checkpoint.load(self.folder.best)["epoch"] != trainer.epoch
+        except LenetError:  # missing or unreadable
+            return True
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         f = self.folder
         with self._writing():
-            self._save(f.last, trainer)
             if metrics.test_acc >= max(m.test_acc for m in trainer.history):
                 self._save(f.best, trainer)
             f.write_metrics(trainer.history)
+            self._save(f.last, trainer)
             if (trainer.epoch == trainer.spec.epochs
                     or time.monotonic() - self._plotted[1] >= self.PLOT_EVERY_S):
                 self._plot(trainer)

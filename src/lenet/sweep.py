@@ -364,8 +364,13 @@ def make_pruner(name: str, epochs: int | None):
     return optuna.pruners.NopPruner()
 
 
-def open_study(storage, name: str, space: Space, pruner, seed: int | None = None):
-    """Create or load the study; refuse to resume it with another space."""
+def open_study(storage, name: str, space: Space, pruner, seed: int | None = None,
+               setup: dict | None = None):
+    """Create or load the study; refuse to resume it with another space, or another `setup`
+    (what else decides a trial's score: the data set, the epochs). A seeded sampler resumed
+    after N trials is seeded from (seed, N): the seed alone would draw the same first
+    parameters again."""
+    import numpy as np
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed)
@@ -377,7 +382,24 @@ def open_study(storage, name: str, space: Space, pruner, seed: int | None = None
     elif known != space.fingerprint():
         raise ConfigError(f"study '{name}' was started with another search space; use "
                           f"another --study name or --out folder")
+    setup = dict(setup or {})
+    was = study.user_attrs.get("setup")
+    if was is None:
+        study.set_user_attr("setup", setup)
+    elif was != setup:
+        key = next(k for k in sorted(set(was) | set(setup)) if was.get(k) != setup.get(k))
+        raise ConfigError(f"study '{name}' ran its trials with --{key} {_shown(was.get(key))}, "
+                          f"this run asks for {_shown(setup.get(key))}: trials would not be "
+                          "comparable; use the same, or another --study name or --out folder")
+    done = len(study.get_trials(deepcopy=False))
+    if seed is not None and done:
+        study.sampler = optuna.samplers.TPESampler(
+            seed=int(np.random.SeedSequence([seed, done]).generate_state(1)[0]))
     return study
+
+
+def _shown(value) -> str:
+    return "(the space's)" if value is None else str(value)
 
 
 @dataclass(frozen=True)
