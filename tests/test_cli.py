@@ -452,3 +452,29 @@ def test_a_folder_with_checkpoints_but_no_config_is_never_overwritten(tmp_path, 
     assert cli.main(["train", "--data", str(data), "--out", str(run)]) == 1
     assert "holds a run's best.ckpt, metrics.csv but no last.ckpt to resume from" in \
         capsys.readouterr().err
+
+
+def test_resume_refuses_a_hand_edited_config_or_another_runs_checkpoint(tmp_path, capsys,
+                                                                       isolated_env):
+    import json
+    import shutil
+
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    run, other = tmp_path / "run", tmp_path / "other"
+    for folder, preset in ((run, "book"), (other, "modern")):
+        assert cli.main(["train", "--data", str(data), "--preset", preset, "--epochs", "1",
+                         "--out", str(folder), "--no-progress"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 0.01
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2"]) == 1
+    assert capsys.readouterr().err == (
+        f"lenet: error: {run / 'config.json'}: says train.lr 0.01 but {run / 'last.ckpt'} was "
+        "trained with 0.9; a run continues as it was trained: restore config.json, or start a "
+        "new run with --config\n")
+    shutil.copy(other / "config.json", run / "config.json")  # config.json back in step...
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2"]) == 1
+    assert "says model.activation relu but" in capsys.readouterr().err  # ...not the checkpoint
+    shutil.copy(other / "last.ckpt", run / "last.ckpt")  # both from the other run: its own
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0

@@ -303,6 +303,19 @@ def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
     return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
 
 
+def _check_config_unedited(folder, recorded: RunConfig, trained: RunConfig, ckpt) -> None:
+    """A run continues as it was trained (its checkpoint's config): a config.json edited by
+    hand, or a checkpoint copied in from another run, is refused rather than ignored."""
+    free = {"train.epochs", "train.device", "data.name", "data.classes"}  # resume sets these
+    mine, theirs = _flatten(recorded.to_dict()), _flatten(trained.to_dict())
+    key = next((k for k in sorted(set(mine) | set(theirs))
+                if k not in free and mine.get(k) != theirs.get(k)), None)
+    if key is not None:
+        raise ConfigError(f"{folder.config}: says {key} {_short(mine.get(key))} but {ckpt} was "
+                          f"trained with {_short(theirs.get(key))}; a run continues as it was "
+                          "trained: restore config.json, or start a new run with --config")
+
+
 def _check_same_data(was: RunConfig, now: RunConfig, ds) -> None:
     """A resumed run's data (moved, perhaps: --data) must be what it was trained on: the
     same input size and class count, and the same class names where the run recorded them."""
@@ -358,12 +371,13 @@ def _train(a, folders: list, painter=None) -> int:
             raise ConfigError(f"--resume continues a run as configured; {flag} "
                               f"cannot change it (only --epochs, --device and --data can)")
         folder = RunFolder(a.resume)
-        folder.read_config()
+        recorded = folder.read_config()
         folders.append(folder)
         if main_rank:
             folder.lock()
         ckpt = folder.checkpoint_for_resume()
         state = checkpoint.load(ckpt)
+        _check_config_unedited(folder, recorded, state["config"], ckpt)
         cfg = override(state["config"], "train", epochs=a.epochs, device=a.device)
         cfg = override(cfg, "data", name=_data_name(a.data))  # the same data, moved
         if cfg.train.epochs < state["epoch"]:
