@@ -145,11 +145,12 @@ def read_history(folder: RunFolder) -> list[EpochMetrics]:
 
 
 class RunWriter(Callback):
-    """Writes the run folder as training goes: after every epoch best.ckpt (when test
-    accuracy improves), metrics.csv, then last.ckpt, and curves.png; at the end summary.txt.
-    last.ckpt is the commit: a process killed before its rename resumes from the epoch before
-    and redoes this one, and a resume first rewrites metrics.csv from the checkpoint's own
-    history (and best.ckpt, when the resumed epoch is the best and best.ckpt missed it)."""
+    """Writes the run folder as training goes: after every epoch last.ckpt, best.ckpt (when
+    test accuracy improves), metrics.csv and curves.png; at the end summary.txt. last.ckpt is
+    written first, so a full disk still leaves the epoch's checkpoint; a process killed after
+    it and before the others is mended by the resume, which first rewrites metrics.csv from
+    the checkpoint's own history, and best.ckpt when the resumed epoch is the best and
+    best.ckpt missed it."""
 
     # Drawing curves.png costs ~0.25 s, 10% of a book epoch here (the first one ~0.7 s, with
     # matplotlib's import): drawn after an epoch only when training started, or the last
@@ -183,10 +184,10 @@ class RunWriter(Callback):
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         f = self.folder
         with self._writing():
+            self._save(f.last, trainer)
             if metrics.test_acc >= max(m.test_acc for m in trainer.history):
                 self._save(f.best, trainer)
             f.write_metrics(trainer.history)
-            self._save(f.last, trainer)
             if (trainer.epoch == trainer.spec.epochs
                     or time.monotonic() - self._plotted[1] >= self.PLOT_EVERY_S):
                 self._plot(trainer)
