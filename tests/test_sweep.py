@@ -309,3 +309,16 @@ def test_a_seeded_rerun_draws_new_parameters_and_a_changed_setup_is_refused(
     assert cli.main([*argv[:6], str(other), *argv[7:], "5"]) == 1
     assert f"ran its trials with --data {data}, this run asks for {other}" in \
         capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_sweep_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    from lenet import cli_sweep
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_sweep.HANDLERS, "sweep", interrupted)
+    assert cli.main(["sweep", "--space", str(EXERCISE2), "--n-trials", "1", "--out",
+                     str(tmp_path / "sw")]) == 130
+    assert capsys.readouterr().err == ("lenet: interrupted; run the same command again to go "
+                                       "on (the trial in flight is run again)\n")

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 return handler(args)
         return handler(args)
     except KeyboardInterrupt:
-        print("lenet: interrupted", file=sys.stderr)
+        again = ("; run the same command again to go on (the trial in flight is run again)"
+                 if args.verb == "sweep" else "")
+        print(f"lenet: interrupted{again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lenet evaluate ... | head`: the reader left; nothing to report
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit flush quiet
