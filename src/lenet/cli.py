@@ -251,13 +251,13 @@ def _load_data(name: str, download: bool = True, quiet: bool = False):
 
 
 def run_data(run, given: str | None):
-    """The data set a verb shows a trained run: --data GIVEN, else the one it was trained on
-    (an error then says where that was recorded, and that --data points elsewhere); its class
-    count must be the model's."""
+    """The data set a verb shows a trained run: GIVEN (--data, as `_data_name` records it),
+    else the one it was trained on (an error then says where that was recorded, and that
+    --data points elsewhere); its class count must be the model's."""
     from lenet.errors import DataError
 
     if given:
-        ds = _load_data(_data_name(given))
+        ds = _load_data(given)
     else:
         try:
             ds = _load_data(run.config.data.name)
@@ -538,8 +538,8 @@ def cmd_evaluate(a) -> int:
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
     device = resolve_device(a.device)
-    data = _data_name(a.data) or cfg.data.name
-    ds = run_data(run, a.data)
+    given = _data_name(a.data)
+    ds = run_data(run, given)
     size, (rows, cols) = cfg.model.image_size, ds.test.images.shape[1:]
     # Another data set's images of another size are resized as --resize does in training.
     resize = size if (rows, cols) != (size, size) else None
@@ -553,7 +553,8 @@ def cmd_evaluate(a) -> int:
           f"{test.num_examples:,} images{resized}: test loss {p.loss:.4f}, "
           f"test acc {p.accuracy:.4f}")
     # The run's own report stays; another data set's gets figures of its own.
-    print_report(p, ds, run.folder, suffix="" if data == cfg.data.name else f"-{ds.name}")
+    print_report(p, ds, run.folder,
+                 suffix="" if given in (None, cfg.data.name) else f"-{ds.name}")
     return 0
 
 

@@ -76,7 +76,7 @@ def cmd_predict(a) -> int:
     import numpy as np
 
     from lenet.errors import ConfigError
-    from lenet.predict import ImageError, image_files, load_image, predict
+    from lenet.predict import ImageError, image_paths, load_image, predict
     from lenet.report import class_names, load_run
 
     if a.top < 1:
@@ -84,7 +84,7 @@ def cmd_predict(a) -> int:
     run = load_run(a.run, a.checkpoint)
     classes = class_names(run.config)
     images, results = [], []
-    for f, error in _image_paths(a.files, image_files):
+    for f, error in image_paths(a.files):
         if error is None:
             try:
                 images.append(load_image(f, run.config.model.image_size))
@@ -108,43 +108,29 @@ def cmd_predict(a) -> int:
     return 1 if len(good) < len(results) else 0
 
 
-def _image_paths(args: list[str], image_files) -> list[tuple[str, Exception | None]]:
-    """Each argument with None, a folder replaced by its image files; a folder with none (or
-    that cannot be listed) stays, with its ImageError to report in its place."""
-    from lenet.predict import ImageError
-
-    out: list[tuple[str, Exception | None]] = []
-    for f in args:
-        if not Path(f).is_dir():
-            out.append((f, None))
-            continue
-        try:
-            out += [(str(p), None) for p in image_files(f)]
-        except ImageError as e:
-            out.append((f, e))
-    return out
-
-
 def cmd_activations(a) -> int:
     import numpy as np
 
     from lenet import inspect, plots
-    from lenet.cli import run_data
+    from lenet.cli import _data_name, run_data
     from lenet.errors import ConfigError
-    from lenet.predict import image_files, probabilities, to_input
+    from lenet.predict import image_paths, probabilities, to_input
     from lenet.report import class_names, load_run
 
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
-    images = [str(p) for f in a.image or ()  # a folder: its image files, as for predict
-              for p in (image_files(f) if Path(f).is_dir() else [f])]
+    images = []
+    for f, error in image_paths(a.image or ()):  # a folder: its image files, as for predict
+        if error is not None:
+            raise error
+        images.append(f)
     names = [n for group in a.classes or () for n in group.split(",") if n.strip()]
     if a.classes and not names:
         raise ConfigError("--classes: expected class names separated by commas")
     chosen = names or a.index or a.image or a.sample or a.noise or a.blank
     split, classes = None, class_names(cfg)
     if names or a.index or not chosen:  # only these need the test set
-        ds = run_data(run, a.data)
+        ds = run_data(run, _data_name(a.data))
         split, classes = ds.test, ds.classes
     probes = inspect.choose(split, classes, class_names=names, per_class=a.per_class,
                             indices=a.index or (), images=images,

@@ -143,8 +143,8 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
            blank: bool = False, size: int = 28) -> list[Probe]:
     """The inputs to look at, in this order: test images of the named classes (`per_class`
     each), test images by index, image files, the package's sample photographs, noise, a
-    blank image. With no selector: two Pullovers and two Coats when the classes exist (the
-    pair the network confuses most), else the first four test images. `split` (images,
+    blank image. With no selector: `per_class` Pullovers and Coats when the classes exist
+    (the pair the network confuses most), else of the first two classes present. `split` (images,
     labels) is needed for class names, indices and the default."""
     from lenet.predict import fit_size, load_image
 

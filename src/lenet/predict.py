@@ -62,6 +62,21 @@ def image_files(folder: str | Path) -> list[Path]:
     return found
 
 
+def image_paths(args) -> list[tuple[str, ImageError | None]]:
+    """Each path given, with None; a folder is replaced by its image files (`image_files`),
+    or, holding none or unreadable, stays with its ImageError to report in its place."""
+    out: list[tuple[str, ImageError | None]] = []
+    for f in args:
+        if not Path(f).is_dir():
+            out.append((str(f), None))
+            continue
+        try:
+            out += [(str(p), None) for p in image_files(f)]
+        except ImageError as e:
+            out.append((str(f), e))
+    return out
+
+
 def load_image(path: str | Path, size: int = 28) -> np.ndarray:
     """The image at `path` as the network's input pixels: uint8 (size, size), light object
     on black. Grayscale; the border's median is the background, and the image is inverted

@@ -449,9 +449,10 @@ def _load_folder(
     elif classes is None:
         classes = tuple(str(k) for k in range(int(train.labels.max()) + 1))
         source = "one more than the largest training label"
+    from_mapping = listed is not None and listed[1].name.endswith("-mapping.txt")
     for split, role in ((train, "train_labels"), (test, "test_labels")):
         _check_labels(split.labels, paths[role], len(classes), source)
-        if listed is not None and listed[1].name.endswith("-mapping.txt"):
+        if from_mapping:  # a label the mapping skips is UNUSED: no image may carry it
             _check_named(split.labels, paths[role], classes, source)
     return Dataset(
         name=name,
