@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +66,21 @@ def test_predict_json_is_one_document_in_input_order(run, pictures, capsys, isol
     assert len(err.splitlines()) == 2
 
 
+def test_predict_says_when_an_image_has_nothing_in_it(run, tmp_path, capsys, isolated_env):
+    # An all-white photo and a fully transparent PNG: the network still answers
+    # confidently, so the answer carries a note (and "blank" in JSON).
+    Image.new("RGB", (200, 300), "white").save(tmp_path / "white.jpg")
+    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.fromarray(np.eye(28, dtype=np.uint8) * 255).save(tmp_path / "line.png")
+    files = [str(tmp_path / n) for n in ("white.jpg", "clear.png", "line.png")]
+    assert cli.main(["predict", str(run), *files, "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.endswith("(blank: nothing in it stands out from its background)")
+            for line in lines] == [True, True, False]
+    assert cli.main(["predict", str(run), *files, "--json"]) == 0
+    assert [d["blank"] for d in json.loads(capsys.readouterr().out)] == [True, True, False]
+
+
 def test_predict_takes_a_folder_as_its_image_files_in_name_order(run, pictures, tmp_path,
                                                                  capsys, isolated_env):
     """pictures' folder: coat.jpg, line.png and notes.png (not an image, reported); a text
@@ -116,6 +133,7 @@ def test_predict_takes_a_folder_as_its_image_files_in_name_order(run, pictures, 
     (["export", "{run}", "--out", "{tmp}/m.txt"], "--out {tmp}/m.txt: expected a file name "
      "ending in .onnx"),
     (["activations", "{run}", "--image", "{tmp}"], "{tmp}: holds no image files, expected .png"),
+    (["export", "{run}", "--out", ""], "--out '': expected a file name ending in .onnx"),
 ])
 def test_bad_requests_are_one_line_and_exit_1(run, tmp_path, capsys, isolated_env, args,
                                               message):
@@ -188,6 +206,19 @@ def test_export_checks_and_writes(run, tmp_path, capsys, isolated_env):
     assert f"wrote {out}: ONNX opset 18" in text
     assert out.stat().st_size > 200_000  # 61,706 float32 weights
     assert not list(tmp_path.glob(".*"))  # the unchecked file is gone
+
+
+def test_export_names_its_out_when_it_cannot_write_there_before_any_work(run, tmp_path, capsys,
+                                                                         isolated_env):
+    (tmp_path / "d.onnx").mkdir()
+    places = [(tmp_path / "d.onnx", "is a folder, expected a file name ending in .onnx")]
+    if sys.platform == "linux":  # /proc takes no new files, even from root
+        places.append((Path("/proc/m.onnx"), "cannot write ("))
+    for out, why in places:
+        assert cli.main(["export", str(run), "--out", str(out)]) == 1
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"lenet: error: --out {out}: {why}"), captured.err
+        assert "checked on" not in captured.out  # refused before the export's work
 
 
 def test_export_without_the_data_checks_on_random_images(run, tmp_path, capsys,

@@ -2,6 +2,7 @@
 every kind of bad file -> one ImageError naming it; class probabilities."""
 from __future__ import annotations
 
+import os
 import struct
 import time
 import zlib
@@ -122,14 +123,61 @@ def test_animated_gif_uses_its_first_frame(tmp_path):
     _check_fashion_style(P.load_image(tmp_path / "a.gif"), tall=True)
 
 
-def test_exif_orientation_is_applied(tmp_path):
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tiff", ".webp"])
+def test_exif_orientation_is_applied_once(tmp_path, suffix):
+    # Pillow's TIFF reader turns the image upright itself while loading; turning it again
+    # would leave it lying on its side.
+    if suffix == ".webp" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
     im = _figure(size=(80, 120)).rotate(90, expand=True).convert("RGB")  # stored lying down
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 clockwise to view"... as cameras write it
-    im.save(tmp_path / "turned.jpg", exif=exif)
-    x = P.load_image(tmp_path / "turned.jpg")
+    im.save(tmp_path / f"turned{suffix}", exif=exif)
+    x = P.load_image(tmp_path / f"turned{suffix}")
     rows, cols = np.nonzero(x > 40)
     assert rows.max() - rows.min() > cols.max() - cols.min()  # upright again: tall
+
+
+@pytest.mark.parametrize("name,scale,dtype,suffix", [
+    ("12 bits in a 16-bit PNG", 16, np.uint16, ".png"),
+    ("16 bits", 257, np.uint16, ".png"),
+    ("8 bits in a 32-bit TIFF", 1, np.int32, ".tiff"),
+    ("10 bits in a 32-bit TIFF", 4, np.int32, ".tiff")])
+def test_deep_integer_images_are_read_at_the_depth_they_use(tmp_path, name, scale, dtype,
+                                                            suffix):
+    figure = _figure()
+    expected = P.load_image(_save(figure, tmp_path / "8bit.png"))
+    deep = Image.fromarray(np.asarray(figure).astype(dtype) * scale)
+    x = P.load_image(_save(deep, tmp_path / f"deep{suffix}"))
+    assert np.abs(x.astype(int) - expected).max() <= 2, name
+
+
+# The turn that stores an upright image under each EXIF orientation (its inverse undoes it).
+_STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix,options", [(".png", {}), (".tiff", {}),
+                                            (".tiff", {"compression": "tiff_lzw"})])
+def test_every_orientation_comes_out_upright(tmp_path, orientation, suffix, options):
+    # An asymmetric figure, so any wrong turn or flip shows. The uncompressed TIFF case:
+    # Pillow 13 memory-maps such files when opened by name and then reads 5-8 as garbage.
+    if options and not features.check("libtiff"):
+        pytest.skip("Pillow built without libtiff")
+    upright = Image.new("L", (90, 60), 255)
+    draw = ImageDraw.Draw(upright)
+    draw.rectangle((10, 5, 80, 20), fill=0)
+    draw.rectangle((10, 5, 25, 55), fill=0)
+    expected = P.load_image(_save(upright, tmp_path / "upright.png"))
+    stored = upright.transpose(_STORED_AS[orientation]) if orientation > 1 else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"stored{suffix}"
+    stored.save(path, exif=exif, **options)
+    assert np.array_equal(P.load_image(path), expected)
 
 
 @pytest.mark.parametrize("value", [0, 128, 255])
@@ -190,6 +238,8 @@ def _truncated(tmp_path, fmt):
     (lambda t: _truncated(t, "PNG"), "cannot decode the image: truncated or corrupt"),
     (lambda t: _truncated(t, "JPEG"), "cannot decode the image: truncated or corrupt"),
     (lambda t: _truncated(t, "GIF"), "cannot decode the image: truncated or corrupt"),
+    (lambda t: os.mkfifo(t / "pipe.png") or t / "pipe.png",  # never opened: it would block
+     "is not a regular file, expected an image file"),
 ])
 def test_bad_files_give_one_line_naming_the_file(tmp_path, setup, why):
     path = setup(tmp_path)

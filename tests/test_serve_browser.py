@@ -154,6 +154,20 @@ def test_draw_pick_upload_and_keyboard_in_chromium(browser, live, tmp_path):
     page.set_input_files("#file", str(tmp_path / "upload.png"))
     expect(status).to_have_text("uploaded upload.png")
     (np.asarray(Image.open(tmp_path / "upload.png")))  # still readable: not moved or locked
+    # A PNG saved without its suffix (the browser gives it no type) is still an image; a
+    # file that is none is refused on the page, not sent as raw pixels.
+    before = probabilities()
+    (tmp_path / "shoe").write_bytes((tmp_path / "upload.png").read_bytes())
+    (tmp_path / "notes").write_text("not an image")
+    page.click("#noise")
+    expect(status).to_have_text("uniform noise")
+    before = changed(before)
+    page.set_input_files("#file", str(tmp_path / "shoe"))
+    expect(status).to_have_text("uploaded shoe")
+    before = changed(before)
+    page.set_input_files("#file", str(tmp_path / "notes"))
+    expect(status).to_have_text("notes: not a PNG, JPEG, GIF, BMP or WebP image")
+    assert probabilities() == before
 
     # The photos far from the training data: a button each, and `p` for the next one.
     expect(page.locator("#photos button")).to_have_text(["cat", "cup", "rocket"])

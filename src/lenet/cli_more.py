@@ -9,6 +9,7 @@ from pathlib import Path
 MAX_INPUTS = 24  # rows in the activations figure; beyond this it stops being readable
 CHECK_IMAGES = 1000  # images an export is checked on
 MAX_DIFF = 1e-4  # largest logit difference an export may show against PyTorch
+BLANK = "blank: nothing in it stands out from its background"
 
 
 def add_parsers(verbs) -> None:
@@ -88,7 +89,8 @@ def cmd_predict(a) -> int:
         if error is None:
             try:
                 images.append(load_image(f, run.config.model.image_size))
-                results.append({"file": f})
+                # The network still answers, confidently, for an empty input: say so.
+                results.append({"file": f, "blank": not images[-1].any()})
                 continue
             except ImageError as e:
                 error = e
@@ -104,7 +106,8 @@ def cmd_predict(a) -> int:
     else:
         for r in good:
             print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.2f}"
-                                               for t in r["top"]))
+                                               for t in r["top"])
+                  + (f"  ({BLANK})" if r["blank"] else ""))
     return 1 if len(good) < len(results) else 0
 
 
@@ -188,11 +191,15 @@ def cmd_export(a) -> int:
 
     run = load_run(a.run, a.checkpoint)
     cfg = run.config
-    out = Path(a.out) if a.out else run.folder / "model.onnx"
+    if a.out == "":
+        raise ExportError("--out '': expected a file name ending in .onnx")
+    out = Path(a.out) if a.out is not None else run.folder / "model.onnx"
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--out {out}: expected a file name ending in .onnx")
     if not out.parent.is_dir():
         raise ExportError(f"--out {out}: no such folder {out.parent}")
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a folder, expected a file name ending in .onnx")
     classes = class_names(cfg)
     size = cfg.model.image_size
     try:  # the export is checked on real test images when they are at hand
@@ -206,6 +213,10 @@ def cmd_export(a) -> int:
     # Written beside the target, checked, and only then renamed into place: a file that
     # disagrees with PyTorch is never left looking like a good export.
     tmp = out.with_name(f".{out.name}.unchecked")
+    try:  # before the work: a folder we cannot write in is found now, and named as --out
+        tmp.touch()
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
     try:
         export_onnx(run.model, tmp, size, classes,
                     metadata={"run": run.folder.name, "checkpoint": run.checkpoint.name,

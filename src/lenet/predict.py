@@ -27,6 +27,8 @@ BATCH = 1024  # images per forward pass: a large folder's activations at once wo
 # A JPEG is decoded at 1/8 scale (draft), a few MB.
 MAX_PIXELS = 8192 * 8192
 WORK_SIZE = 512  # large images are box-reduced to about this before any float work
+# The depths integer pixels come in: the smallest one that holds an image's largest value.
+_SENSOR_BITS = (8, 10, 12, 14, 16)
 TRIM = 0.1  # Fashion-MNIST trims pixels within 5% of the background; 10% also skips JPEG noise
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -108,11 +110,20 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.is_dir():
         raise ImageError(path, "is a folder, expected an image file")
     try:
+        if not path.is_file():  # a pipe or a device: reading it could block, or is one-shot
+            raise ImageError(path, "is not a regular file, expected an image file")
         if path.stat().st_size == 0:
             raise ImageError(path, "is empty (0 bytes), expected an image file")
     except PermissionError:
         raise ImageError(path, "permission denied") from None
-    return _open(path, path, FORMATS, MAX_PIXELS)
+    try:
+        # Read through a file object, never by name: given a name Pillow memory-maps an
+        # uncompressed TIFF, and Pillow 13 then maps one turned by its orientation tag
+        # (5-8) at the turned size and reads garbage.
+        with open(path, "rb") as f:
+            return _open(f, path, FORMATS, MAX_PIXELS)
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
 
 
 def _open(source, name: str | Path, formats: tuple[str, ...], max_pixels: int
@@ -153,11 +164,13 @@ def _decode(path: str | Path, im: Image.Image, max_pixels: int
         raise ImageTooLarge(path, _too_large(f"{w:,}x{h:,} pixels", max_pixels))
     if w < 1 or h < 1:
         raise ImageError(path, f"has no pixels ({w}x{h})")
-    orientation = im.getexif().get(0x0112)
     if im.format == "JPEG":
         im.draft("L", (WORK_SIZE, WORK_SIZE))  # DCT-domain downscale: decodes 1/8 the pixels
     im.load()  # the full decode; raises on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES
     # is left False on purpose: a padded half-image would be classified as if whole)
+    # Read after loading: Pillow's TIFF reader turns the image upright as it loads and then
+    # drops the tag; read before, it would be turned twice.
+    orientation = im.getexif().get(0x0112)
     im = _canonical_mode(im)
     factor = max(im.size) // WORK_SIZE
     if factor > 1:
@@ -199,11 +212,14 @@ def _to_float(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         gray = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
     elif im.mode in ("L", "LA"):
         gray = a.reshape(a.shape[:2]).astype(np.float32) / 255
-    else:  # I (16-bit PNG/TIFF land here) or F: scale by the range the values occupy
+    else:  # I (16- and 32-bit PNG/TIFF land here) or F
         gray = a.astype(np.float32)
         lo, hi = float(gray.min()), float(gray.max())
-        if im.mode == "I" and lo >= 0 and hi <= 65535:
-            gray /= 65535
+        depth = next((b for b in _SENSOR_BITS if hi < 2 ** b), None)
+        if im.mode == "I" and lo >= 0 and depth:
+            # The file says 16 or 32 bits, not how many the camera or scanner used: 12-bit
+            # data in a 16-bit PNG divided by 65535 would be a black image.
+            gray /= 2 ** depth - 1
         elif not (lo >= 0 and hi <= 1):
             gray = (gray - lo) / (hi - lo) if hi > lo else np.zeros_like(gray)
     return gray, alpha

@@ -284,10 +284,28 @@ for (const [id, act] of Object.entries(actions)) $(id).addEventListener("click",
 
 $("brush").addEventListener("input", () => { $("brush-size").textContent = $("brush").value; });
 
+// An image file's type from its first bytes: a file saved without its suffix has no f.type,
+// and one with the wrong suffix has the wrong one.
+async function imageType(f) {
+  const b = new Uint8Array(await f.slice(0, 12).arrayBuffer());
+  const text = String.fromCharCode(...b);
+  if (b[0] === 0x89 && text.slice(1, 4) === "PNG") return "image/png";
+  if (b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return "image/jpeg";
+  if (text.startsWith("GIF8")) return "image/gif";
+  if (text.startsWith("BM")) return "image/bmp";
+  if (text.startsWith("RIFF") && text.slice(8, 12) === "WEBP") return "image/webp";
+  return f.type.startsWith("image/") ? f.type : null;  // the server says what it takes
+}
+
 // An image file (an upload, a photo): sent as it is, and shown on the pad to draw on.
 async function sendPicture(f, label) {
+  const type = await imageType(f);
+  if (!type) {  // never sent as raw pixels: the pad and the answers would disagree
+    say(`${f.name}: not a PNG, JPEG, GIF, BMP or WebP image`, true);
+    return;
+  }
   forgetDrawing();
-  submit(f, f.type || "application/octet-stream", label);
+  submit(f, type, label);
   try {
     const bmp = await createImageBitmap(f);
     clearPad();
