@@ -478,3 +478,50 @@ def test_resume_refuses_a_hand_edited_config_or_another_runs_checkpoint(tmp_path
     assert "says model.activation relu but" in capsys.readouterr().err  # ...not the checkpoint
     shutil.copy(other / "last.ckpt", run / "last.ckpt")  # both from the other run: its own
     assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+
+
+def test_batch_norm_with_a_batch_of_one_is_refused_before_the_run_folder(tmp_path, capsys,
+                                                                         isolated_env):
+    # 60 images in batches of 59 leave a last batch of one: batch norm cannot train on it
+    # (it used to fail with a traceback after the epoch's other batches).
+    data = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    argv = ["train", "--preset", "best", "--epochs", "1", "--data", str(data), "--out",
+            str(tmp_path / "run"), "--no-progress", "--batch-size"]
+    assert cli.main([*argv, "59"]) == 1
+    assert capsys.readouterr().err == (
+        "lenet: error: --batch-size 59: the last batch of an epoch holds 1 of the 60 "
+        "training images; batch norm needs at least 2 per process; choose another batch "
+        "size\n")
+    assert not (tmp_path / "run").exists()
+    assert cli.main([*argv, "58"]) == 0  # a last batch of 2 trains
+
+
+def test_batch_norm_shares_under_torchrun_are_checked_too():
+    from lenet.config import preset
+    from lenet.errors import ConfigError
+    from lenet.models import init_model
+    from lenet.train import check_batch_norm_batches
+
+    best, book = init_model(preset("best").model, 0), init_model(preset("book").model, 0)
+    check_batch_norm_batches(best, 128, 60_000)
+    check_batch_norm_batches(book, 3, 60_001, world=2)  # no batch norm: anything goes
+    with pytest.raises(ConfigError, match="a batch holds 3 of the 60,000 training images, 1 "
+                                          "for some of the 2 processes"):
+        check_batch_norm_batches(best, 3, 60_000, world=2)
+    with pytest.raises(ConfigError, match="the last batch of an epoch holds 2 .* 1 for some"):
+        check_batch_norm_batches(best, 128, 59_906, world=2)
+
+
+def test_world_size_set_by_hand_without_master_addr_is_one_line(tmp_path, capsys,
+                                                                 isolated_env, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    data = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    assert cli.main(["train", "--epochs", "1", "--data", str(data), "--out",
+                     str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == (
+        "lenet: error: WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR is not: launch with "
+        "torchrun (see the README), or unset WORLD_SIZE and RANK\n")
+    assert not (tmp_path / "run").exists()

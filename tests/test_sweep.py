@@ -90,6 +90,17 @@ def test_fixed_section_and_plain_values_and_flags(tmp_path):
      "unknown key(s) batch"),
     ('preset = "book"\n', "space: expected a table of sections"),
     ('[space.train\n', "not a readable TOML config"),
+    ('[space.data]\nname = {choices = ["mnist"]}\n', "space.data.name: every trial trains on "
+     "the same data; choose it with --data"),
+    ('[space.data]\nname = "mnist"\n[space.train]\nlr = {low = 0.1, high = 1.0}\n',
+     "space.data.name: every trial trains on the same data"),
+    ('[space.model]\nactivation = "swish"\n[space.train]\nlr = {low = 0.1, high = 1.0}\n',
+     "space: model.activation: expected one of"),  # the bad plain value, not lr, is named
+    ('[space.train]\nbatch_size = {low = 16, high = 256, step = 0.5}\n',
+     "space.train.batch_size: draws values such as 16.5, which are not allowed"),
+    ('[space.model]\nkernel = {low = 3, high = 5.0}\n', "space.model.kernel: 5.0 is not allowed"),
+    ('[space.model]\ndense_width = {low = 10, high = 100.5}\n',
+     "space.model.dense_width: 100.5 is not allowed"),
 ])
 def test_bad_space_files_are_one_line_naming_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -121,6 +132,39 @@ def test_storage_choice():
     assert sweep.choose_storage(None, out, 3) == sweep.Storage("journal", "/x/sweep.journal")
     pg = sweep.choose_storage("postgresql+psycopg://u:secret@h/db", out, 1)
     assert pg.kind == "rdb" and "secret" not in pg.describe()
+    odd = sweep.choose_storage("postgresql+psycopg://u:p@ss/w:rd@h:5432/db", out, 1)
+    assert odd.describe() == "postgresql+psycopg://u:***@h:5432/db"  # an unescaped @ in it
+    with pytest.raises(ConfigError, match="--storage '': expected a URL"):
+        sweep.choose_storage("", out, 1)
+
+
+def test_a_sweep_folder_goes_on_with_the_storage_it_holds(tmp_path):
+    """Whatever --workers says on the rerun: another default would start a second study
+    over the first one's trial folders."""
+    (tmp_path / "sweep.journal").write_text("")
+    assert sweep.choose_storage(None, tmp_path, 1) == sweep.Storage(
+        "journal", str(tmp_path / "sweep.journal"))
+    (tmp_path / "sweep.journal").unlink()
+    (tmp_path / "sweep.db").write_text("")
+    with pytest.raises(ConfigError, match="its study is in sweep.db .* go on with --workers 1"):
+        sweep.choose_storage(None, tmp_path, 2)
+    (tmp_path / "sweep.journal").write_text("")
+    with pytest.raises(ConfigError, match="holds both sweep.db and sweep.journal"):
+        sweep.choose_storage(None, tmp_path, 1)
+
+
+def test_a_sweep_folder_refuses_another_study_or_storage(tmp_path):
+    db = sweep.choose_storage(None, tmp_path, 1)
+    sweep.check_folder_study(tmp_path, db, "ex2")  # checks only: nothing recorded yet
+    assert not (tmp_path / "study.json").exists()
+    sweep.check_folder_study(tmp_path, db, "ex2", record=True)
+    same = sweep.choose_storage(f"sqlite:///{tmp_path}/../{tmp_path.name}/sweep.db", tmp_path, 1)
+    sweep.check_folder_study(tmp_path, same, "ex2")  # another spelling of the same file
+    with pytest.raises(ConfigError, match=r"holds the trials of study 'ex2' .*--study ex2"):
+        sweep.check_folder_study(tmp_path, db, "other")
+    with pytest.raises(ConfigError, match=r"in sqlite:///.*sweep.db, not journal file "):
+        sweep.check_folder_study(tmp_path, sweep.choose_storage(str(tmp_path / "j"), tmp_path, 1),
+                                 "ex2")
 
 
 def test_prune_callback_reports_each_epoch_and_raises_when_told():
@@ -322,3 +366,82 @@ def test_ctrl_c_in_a_sweep_says_how_to_go_on(tmp_path, capsys, monkeypatch):
                      str(tmp_path / "sw")]) == 130
     assert capsys.readouterr().err == ("lenet: interrupted; run the same command again to go "
                                        "on (the trial in flight is run again)\n")
+
+
+def test_a_trial_stopped_by_ctrl_c_is_queued_again_with_its_parameters(tmp_path):
+    space = sweep.load_space(write(tmp_path, '[space.train]\nlr = {low = 0.1, high = 1.0}\n'))
+    study = sweep.open_study(f"sqlite:///{tmp_path / 's.db'}", "s", space,
+                             sweep.make_pruner("none", None), seed=0)
+
+    def interrupted(trial):
+        trial.suggest_float("train.lr", 0.1, 1.0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.work(study, 3, interrupted, by_pid=False)
+    failed, queued = study.get_trials()
+    assert (failed.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert queued.params == failed.params and queued.system_attrs["failed_trial"] == 0
+    assert sweep.counts(study) == sweep.Counts(done=0, running=0, waiting=1)
+
+    drawn = []
+
+    def objective(trial):
+        drawn.append(trial.suggest_float("train.lr", 0.1, 1.0))
+        return 0.5
+
+    sweep.work(study, 1, objective, by_pid=False)
+    assert drawn == [failed.params["train.lr"]]  # the same command again runs it first
+
+
+def test_a_mistyped_data_is_refused_before_the_study_records_it(tmp_path, capsys,
+                                                                 isolated_env):
+    data = make_idx_folder(tmp_path / "data", n_train=60, n_test=20)
+    space = write(tmp_path, SMALL)
+    argv = ["sweep", "--space", str(space), "--n-trials", "1", "--epochs", "1",
+            "--out", str(tmp_path / "sw"), "--seed", "0", "--pruner", "none", "--data"]
+    assert cli.main([*argv, str(tmp_path / "dat")]) == 1
+    assert "no such" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+    assert cli.main([*argv, str(data)]) == 0  # not "ran its trials with --data .../dat"
+    capsys.readouterr()
+    assert cli.main([*argv, str(data), "--study", "other"]) == 1
+    assert "holds the trials of study 'space'" in capsys.readouterr().err
+
+
+def test_a_postgresql_server_that_never_answers_is_an_error_not_a_hang(monkeypatch):
+    pytest.importorskip("psycopg")
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)  # takes connections (the kernel does) and never says a word
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT", 1)
+    storage = sweep.Storage("rdb", f"postgresql+psycopg://u:secret@127.0.0.1:{port}/db")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ConfigError, match="cannot open it") as e:
+            sweep.open_storage(storage, 30)
+    finally:
+        listener.close()
+    assert time.monotonic() - start < 30 and "secret" not in str(e.value)
+
+
+@pytest.mark.parametrize("race", ["(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                  "alembic_version.version_num",
+                                  'relation "studies" already exists'])
+def test_two_machines_creating_the_tables_at_once_retry(monkeypatch, tmp_path, race):
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(race)  # what the slower process sees
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    sweep.open_storage(sweep.Storage("rdb", f"sqlite:///{tmp_path / 's.db'}"), 30)
+    assert len(calls) == 2

@@ -359,7 +359,13 @@ def _train(a, folders: list, painter=None) -> int:
     from lenet.console import ConsoleProgress
     from lenet.models import init_model
     from lenet.runs import RunFolder, RunWriter
-    from lenet.train import Trainer, TrainingInterrupted, pick_engine, resolve_device
+    from lenet.train import (
+        Trainer,
+        TrainingInterrupted,
+        check_batch_norm_batches,
+        pick_engine,
+        resolve_device,
+    )
 
     fused.disabled()  # a LENET_FUSED that is neither on nor off fails before any folder exists
     dist = distributed.from_env()  # launched by torchrun with 2+ processes
@@ -398,12 +404,18 @@ def _train(a, folders: list, painter=None) -> int:
 
     device = resolve_device(cfg.train.device)
     if dist is not None:
+        where = distributed.waits_unannounced()
+        if where:
+            print(f"lenet: rank {dist.rank} of {dist.world} (WORLD_SIZE and RANK set without "
+                  f"torchrun): waiting for the others at {where}", file=sys.stderr, flush=True)
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
     cfg = _fit_to_data(cfg, ds)
     if state is not None:
         _check_same_data(state["config"], cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)
+    check_batch_norm_batches(model, cfg.train.batch_size, len(ds.train.labels),
+                             dist.world if dist is not None else 1)  # before the folder
     if state is not None:
         checkpoint.restore_model(ckpt, state, model)
         if main_rank:

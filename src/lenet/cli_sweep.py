@@ -46,6 +46,7 @@ def add_parser(verbs) -> None:
 def cmd_sweep(a) -> int:
     from lenet import sweep
     from lenet.cli import _data_name
+    from lenet.data import sources
 
     for flag, value, least in (("--n-trials", a.n_trials, 1), ("--workers", a.workers, 1),
                                ("--epochs", a.epochs, 1), ("--heartbeat", a.heartbeat, 1)):
@@ -55,32 +56,38 @@ def cmd_sweep(a) -> int:
     if a.seed is not None and not 0 <= a.seed <= top:
         raise ConfigError(f"--seed {a.seed}: expected 0 to {top:,}")
     space = _load_space(a.space, a.epochs)
+    sweep.quiet_optuna()  # imports it: a missing extra is the first thing said
     out = Path(a.out)
     storage = sweep.choose_storage(a.storage, out, a.workers)
     if a.workers > 1 and storage.url.startswith("sqlite"):
         raise ConfigError("--workers with SQLite: Optuna advises against parallel SQLite "
                           "writers; leave out --storage (a journal file) or use PostgreSQL")
+    study_name = a.study or Path(a.space).stem
+    sweep.check_folder_study(out, storage, study_name)
+    data = _data_name(a.data)
+    # Read before the study records --data: a mistyped one must not pin the study to it.
+    ds = sources.load(data or space.base().data.name, report=None)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     job = {"space": str(a.space), "out": str(out), "storage": storage,
-           "study": a.study or Path(a.space).stem, "n_trials": a.n_trials,
-           "epochs": a.epochs, "pruner": a.pruner, "data": _data_name(a.data),
+           "study": study_name, "n_trials": a.n_trials,
+           "epochs": a.epochs, "pruner": a.pruner, "data": data,
            "device": a.device, "seed": a.seed, "heartbeat": a.heartbeat,
            "threads": max(1, (cores or 1) // a.workers) if a.workers > 1 else None}
-    sweep.quiet_optuna()
     try:
         study = _open_study(job, space)
     except BaseException:
         if created and not any(out.iterdir()):  # a storage that fails leaves no empty --out
             out.rmdir()
         raise
+    sweep.check_folder_study(out, storage, study_name, record=True)
     done = sweep.counts(study).done
     knobs = len(space.params)
     print(f"sweep '{job['study']}': {knobs} knob{'s' if knobs != 1 else ''} from {a.space}; "
           f"storage {storage.describe()}; {_done(done, a.n_trials)}", flush=True)
     if a.workers == 1:
-        _work(job, _say)
+        _work(job, _say, ds=ds)
     else:
         _spawn(job, a.workers)
     return _report(study, out, a.n_trials)
@@ -139,8 +146,9 @@ def _worker_main(job: dict, worker: int) -> None:
         raise SystemExit(130) from None
 
 
-def _work(job: dict, say, worker: int = 0) -> None:
-    """Load the data once, then run trials until the study holds --n-trials."""
+def _work(job: dict, say, worker: int = 0, ds=None) -> None:
+    """Load the data once (unless given), then run trials until the study holds
+    --n-trials."""
     import torch
 
     from lenet import sweep
@@ -153,7 +161,8 @@ def _work(job: dict, say, worker: int = 0) -> None:
     space = _load_space(job["space"], job["epochs"])
     study = _open_study(job, space, worker)
     base = space.base()
-    ds = sources.load(job["data"] or base.data.name, report=None)
+    if ds is None:
+        ds = sources.load(job["data"] or base.data.name, report=None)
     device = resolve_device(job["device"] or base.train.device)
 
     def objective(trial):

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lenet.errors import ConfigError
+from lenet.errors import ConfigError, LenetError
+
+
+class DistError(LenetError):
+    """The processes of a data-parallel run could not meet."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ def from_env() -> Dist | None:
     return Dist(rank, world, local) if world > 1 else None
 
 
+def waits_unannounced() -> str | None:
+    """Where a rank set up by hand (WORLD_SIZE, RANK, MASTER_* without torchrun) will wait
+    for the others: torchrun has already gathered them, by hand it may wait forever."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env or not env.get("MASTER_ADDR"):
+        return None
+    return f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '?')}"
+
+
 def init(dist: Dist, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group (nccl on GPUs, gloo on CPUs); each rank gets its own GPU."""
     import torch.distributed as td
@@ -53,7 +66,19 @@ def init(dist: Dist, device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not td.is_initialized():
-        td.init_process_group(backend=backend)
+        env = os.environ
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={dist.world} and RANK={dist.rank} are set but "
+                              f"{missing[0]} is not: launch with torchrun (see the README), "
+                              "or unset WORLD_SIZE and RANK")
+        try:
+            td.init_process_group(backend=backend)
+        except (RuntimeError, ValueError) as e:  # c10d's store and network errors
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            raise DistError(f"rank {dist.rank} of {dist.world}: could not join the other "
+                            f"processes ({first.strip()[:200]}); if another one stopped, its "
+                            "output says why") from None
     return Dist(dist.rank, dist.world, dist.local_rank, backend), device
 
 

@@ -36,6 +36,7 @@ from lenet.config import (
     read_config_file,
 )
 from lenet.errors import ConfigError
+from lenet.files import atomic_write
 from lenet.train import Callback
 
 SECTIONS = {"model": ModelSpec, "train": TrainSpec, "data": DataSpec}
@@ -54,6 +55,7 @@ DENSE_KNOBS = ("dense_layers", "dense_width")
 PADDINGS = ("first", "same", "valid")
 DENSE_SHRINK = 0.7
 TOP_KEYS = ("preset", "fixed", "space")
+NOT_KNOBS = ("convs", "dense", "name", "classes")  # lists, and what the data set decides
 OBJECTIVE = "test_acc"  # final-epoch test accuracy: what `lenet train --config best.json` gives
 # A failed trial with this user attribute failed for a reason of its own (an invalid config)
 # and counts towards --n-trials; one without it lost its worker and is retried instead. On a
@@ -84,6 +86,12 @@ class Param:
 
     def extremes(self) -> list:
         return list(self.choices) if self.choices else [self.low, self.high]
+
+    def between(self) -> list:
+        """A fractional value a float range can draw: an integer setting refuses it."""
+        if self.choices or self.is_int:
+            return []
+        return [self.low + (self.step if self.step else (self.high - self.low) / 3)]
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,9 @@ def _dense_stack(base: ModelSpec, d: dict) -> list:
     n = d.get("dense_layers", len(base.dense))
     if not isinstance(n, int) or n < 0:
         raise ConfigError(f"model.dense_layers: expected an integer >= 0, got {n!r}")
+    width = d.get("dense_width", 1)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model.dense_width: expected a positive integer, got {width!r}")
     widths = []
     for i in range(n):
         if "dense_width" in d:
@@ -214,17 +225,21 @@ def load_space(path: str | Path) -> Space:
         result.base()
     except ConfigError as e:
         raise ConfigError(" ".join(str(e).split())) from None
-    for p in result.params:  # each knob's extremes alone must make a valid recipe
-        for value in p.extremes():
-            try:
-                result.config({p.name: value})
-            except ConfigError as e:
-                raise ConfigError(f"{path}: space.{p.name}: {value!r} is not allowed "
-                                  f"({e})") from None
-    try:
+    try:  # the plain values first, so that a bad one is not blamed on a searched knob
         result.config({})
     except ConfigError as e:
         raise ConfigError(f"{path}: space: {e}") from None
+    for p in result.params:  # each knob's extremes alone must make a valid recipe
+        for value in p.extremes() + p.between():
+            try:
+                result.config({p.name: value})
+            except ConfigError as e:
+                if value in p.extremes():
+                    raise ConfigError(f"{path}: space.{p.name}: {value!r} is not allowed "
+                                      f"({e})") from None
+                raise ConfigError(f"{path}: space.{p.name}: draws values such as {value:g}, "
+                                  f"which are not allowed ({e}); give low, high and step as "
+                                  "whole numbers") from None
     return result
 
 
@@ -235,9 +250,13 @@ def _check_knob(section: str, key: str, where: str) -> None:
     if section == "model" and key in ("convs", "dense"):
         raise ConfigError(f"{where}: a list cannot be searched; use "
                           f"{', '.join(CONV_KNOBS if key == 'convs' else DENSE_KNOBS)}")
+    if section == "data" and key in ("name", "classes"):
+        raise ConfigError(f"{where}: every trial trains on the same data; "
+                          + ("choose it with --data (or [fixed.data] name)" if key == "name"
+                             else "the class names come from the data set"))
     if key not in names:
         extra = sorted(DERIVED) if section == "model" else []
-        allowed = sorted(n for n in names if n not in ("convs", "dense")) + extra
+        allowed = sorted(n for n in names if n not in NOT_KNOBS) + extra
         raise ConfigError(f"{where}: unknown knob; expected one of {', '.join(allowed)}")
 
 
@@ -288,25 +307,79 @@ class Storage:
             return f"journal file {self.url}"
         return _hide_password(self.url)
 
+    def identity(self) -> str:
+        """The same for every spelling of the same storage (relative paths resolved), and
+        without a password: what a sweep folder records of its study's storage."""
+        if self.kind == "journal":
+            return f"journal file {Path(self.url).resolve()}"
+        if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
+            return f"sqlite:///{Path(self.url[len('sqlite:///'):]).resolve()}"
+        return self.describe()
+
+
+DEFAULT_FILES = {"sweep.db": "rdb", "sweep.journal": "journal"}
+
 
 def choose_storage(url: str | None, out: Path, workers: int) -> Storage:
     """The default is an SQLite file for one worker and a journal file for several on one
     machine (Optuna advises against SQLite with parallel writers); a URL with a scheme is an
-    RDB, a path is a journal file."""
+    RDB, a path is a journal file. A sweep folder that already holds one goes on with it,
+    whatever --workers says now: another would start a second study over the first's
+    trials."""
     if url is None:
-        if workers > 1:
-            return Storage("journal", str(out / "sweep.journal"))
-        return Storage("rdb", f"sqlite:///{out / 'sweep.db'}")
+        held = [name for name in DEFAULT_FILES if (out / name).is_file()]
+        if len(held) > 1:
+            raise ConfigError(f"{out}: holds both sweep.db and sweep.journal, two studies; "
+                              "choose one with --storage")
+        if held == ["sweep.db"] and workers > 1:
+            raise ConfigError(f"{out}: its study is in sweep.db (SQLite, made by one worker), "
+                              "where Optuna advises against parallel writers: go on with "
+                              "--workers 1, or start another --out")
+        name = held[0] if held else "sweep.journal" if workers > 1 else "sweep.db"
+        path = out / name
+        return Storage("journal", str(path)) if name == "sweep.journal" else \
+            Storage("rdb", f"sqlite:///{path}")
+    if not url.strip():
+        raise ConfigError("--storage '': expected a URL (sqlite:///FILE, "
+                          "postgresql+psycopg://...) or a journal file's path")
     if "://" in url:
         return Storage("rdb", url)
     return Storage("journal", str(Path(url).expanduser()))
 
 
+def check_folder_study(out: Path, storage: Storage, study: str, record: bool = False
+                       ) -> None:
+    """A sweep folder serves one study: its trials/NNNN folders are that study's trial
+    numbers. A rerun naming another study or storage is refused; with `record`, a folder
+    that names none yet is given this one."""
+    path = out / "study.json"
+    mine = {"study": study, "storage": storage.identity()}
+    if not path.is_file():
+        if record:
+            text = json.dumps(mine, indent=2) + "\n"
+            atomic_write(path, lambda f: f.write(text.encode()))
+        return
+    try:
+        was = json.loads(path.read_text(encoding="utf-8-sig"))
+        was = {k: str(was[k]) for k in mine}
+    except (ValueError, KeyError, TypeError, OSError):
+        raise ConfigError(f"{path}: not a sweep folder's study record (edited?); delete it "
+                          "to let this study take the folder") from None
+    if was["study"] != study:
+        raise ConfigError(f"{out}: holds the trials of study '{was['study']}' ({was['storage']})"
+                          f"; rerun with --study {was['study']}, or use another --out")
+    if was["storage"] != mine["storage"]:
+        raise ConfigError(f"{out}: holds the trials of study '{study}' in {was['storage']}, "
+                          f"not {mine['storage']}; rerun with that --storage, or use another "
+                          "--out")
+
+
 def _hide_password(url: str) -> str:
     head, sep, tail = url.partition("://")
-    if "@" in tail and ":" in tail.split("@", 1)[0]:
-        user = tail.split("@", 1)[0].split(":", 1)[0]
-        return f"{head}{sep}{user}:***@{tail.split('@', 1)[1]}"
+    # The last @ ends the user part: a password may hold an unescaped @ (or : or /).
+    userinfo, at, rest = tail.rpartition("@")
+    if at and ":" in userinfo:
+        return f"{head}{sep}{userinfo.split(':', 1)[0]}:***@{rest}"
     return url
 
 
@@ -322,19 +395,24 @@ def open_storage(storage: Storage, heartbeat: int):
 
         Path(storage.url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(storage.url))
+    engine = None
+    if not storage.url.startswith("sqlite"):
+        engine = {"pool_pre_ping": True}
+        if storage.url.startswith("postgresql") and "connect_timeout" not in storage.url:
+            # A server that takes the connection but never answers: fail, don't hang.
+            engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(
                 storage.url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                 heartbeat_stale_trial_callback=Retry(max_retry=MAX_RETRY),
-                engine_kwargs={"pool_pre_ping": True} if not storage.url.startswith("sqlite")
-                else None)
+                engine_kwargs=engine)
         except ImportError as e:
             raise ConfigError(f"--storage {storage.describe()}: its driver is missing ({e}); "
                               f"for PostgreSQL: pip install 'psycopg[binary]'") from None
         except Exception as e:  # sqlalchemy's OperationalError and friends: one line
             # Machines started together may race to create the tables: try again.
-            if attempt < 2 and "already exists" in str(e):
+            if attempt < 2 and any(race in str(e) for race in TABLE_RACES):
                 time.sleep(1 + attempt)
                 continue
             detail = " ".join(str(e).split())[:300]
@@ -452,6 +530,9 @@ def reap_dead_workers(study, by_pid: bool) -> list[int]:
 
 
 MAX_RETRY = 3  # a trial whose worker died this often is given up
+CONNECT_TIMEOUT = 20  # seconds for a PostgreSQL server to answer a new connection
+# What two processes creating a new storage's tables at once may see (the loser retries).
+TABLE_RACES = ("already exists", "UNIQUE constraint failed", "duplicate key value")
 
 
 def Retry(max_retry: int):  # noqa: N802 - a class made on first use: optuna imports lazily
@@ -498,6 +579,12 @@ def work(study, n_trials: int, objective, *, by_pid: bool, on_trial=None, say=No
 
     callbacks = [on_trial] if on_trial else []
     waiting_said = False
+    started = []  # this process's trials, by id: the last is the one a Ctrl-C stops
+
+    def tracked(trial):
+        started.append(trial._trial_id)
+        return objective(trial)
+
     while True:
         for number in reap_dead_workers(study, by_pid):
             if say:
@@ -512,8 +599,24 @@ def work(study, n_trials: int, objective, *, by_pid: bool, on_trial=None, say=No
             time.sleep(poll)
             continue
         waiting_said = False
-        study.optimize(objective, n_trials=1, catch=(LenetError,), callbacks=callbacks,
-                       gc_after_trial=False)
+        started.clear()
+        try:
+            study.optimize(tracked, n_trials=1, catch=(LenetError,), callbacks=callbacks,
+                           gc_after_trial=False)
+        except KeyboardInterrupt:
+            # Optuna fails the interrupted trial; queue it again, as for a lost worker, so
+            # the same command run again runs these parameters rather than new ones.
+            if started:
+                _retry_interrupted(study, started[-1])
+            raise
+
+
+def _retry_interrupted(study, trial_id: int) -> None:
+    from optuna.trial import TrialState
+
+    trial = study._storage.get_trial(trial_id)
+    if trial.state == TrialState.FAIL and ERROR_ATTR not in trial.user_attrs:
+        Retry(max_retry=MAX_RETRY)(study, trial)
 
 
 class PruneCallback(Callback):

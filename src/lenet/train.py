@@ -99,6 +99,25 @@ def pick_engine(model_spec, spec: TrainSpec, device: torch.device,
     return "autograd", f"PyTorch autograd (fused kernel: {reason or fused.why_unavailable()})"
 
 
+def check_batch_norm_batches(model: torch.nn.Module, batch_size: int, examples: int,
+                             world: int = 1) -> None:
+    """Batch norm cannot train on a single example (nor on none): refuse, before training,
+    a batch size that leaves some process such a batch (the last one holds the remainder;
+    under torchrun each process takes its share of every batch)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    last = examples % batch_size or min(batch_size, examples)
+    smallest = min(min(batch_size, examples), last) // world
+    if smallest >= 2:
+        return
+    which = f"the last batch of an epoch holds {last}" if last < batch_size else \
+        f"a batch holds {min(batch_size, examples)}"
+    share = f", {smallest} for some of the {world} processes" if world > 1 else ""
+    raise ConfigError(f"--batch-size {batch_size}: {which} of the {examples:,} training "
+                      f"images{share}; batch norm needs at least 2 per process; choose "
+                      "another batch size")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,6 +213,8 @@ class Trainer:
         self._resume_state = state
 
     def fit(self, model: torch.nn.Module, train: Batches, test: Batches) -> list[EpochMetrics]:
+        check_batch_norm_batches(model, train.batch_size, train.num_examples,
+                                 self.dist.world if self.dist is not None else 1)
         self.model = model.to(self.device)
         if self.engine == "fused":
             from lenet.fused import FusedStep
