@@ -445,3 +445,10 @@ def test_two_machines_creating_the_tables_at_once_retry(monkeypatch, tmp_path, r
     monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
     sweep.open_storage(sweep.Storage("rdb", f"sqlite:///{tmp_path / 's.db'}"), 30)
     assert len(calls) == 2
+
+
+def test_a_journal_file_that_cannot_be_made_is_one_line_naming_storage(tmp_path):
+    (tmp_path / "file").write_text("")
+    where = tmp_path / "file" / "sub" / "sweep.journal"  # under a file: no folder can be made
+    with pytest.raises(ConfigError, match=f"--storage {where}: cannot create or open"):
+        sweep.open_storage(sweep.choose_storage(str(where), tmp_path, 1), 30)

@@ -466,6 +466,12 @@ def _train(a, folders: list, painter=None) -> int:
         progress.say(f"{e}: saved {folder.last}")
         progress.say(f"resume with: lenet train --resume {shlex.quote(str(folder.path))}")
         return 130
+    except KeyboardInterrupt:  # under torchrun: no gentle stop, the last epoch's checkpoint
+        if trainer.epoch:
+            progress.say(f"interrupted: epoch {trainer.epoch} is saved in {folder.last}; "
+                         f"resume with: lenet train --resume {shlex.quote(str(folder.path))} "
+                         "(under torchrun or not)")
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         distributed.close()

@@ -393,8 +393,12 @@ def open_storage(storage: Storage, heartbeat: int):
     if storage.kind == "journal":
         from optuna.storages.journal import JournalFileBackend
 
-        Path(storage.url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(storage.url))
+        try:
+            Path(storage.url).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(storage.url))
+        except OSError as e:
+            raise ConfigError(f"--storage {storage.url}: cannot create or open the journal "
+                              f"file ({e.strerror or e})") from None
     engine = None
     if not storage.url.startswith("sqlite"):
         engine = {"pool_pre_ping": True}
