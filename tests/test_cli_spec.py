@@ -79,10 +79,19 @@ def test_run_config_json_reproduces_the_run(data, tmp_path, isolated_env):
     (["--optimizer", "adam", "--momentum", "0.9"], "train.momentum: only for sgd"),
     (["--dropout", "1.5"], "model.dropout"),
     (["--convs", "6:five"], "--convs: '6:five'"),
+    (["--convs", "6"], "--convs: '6': expected channels:kernel[:padding]"),  # no kernel
+    (["--convs", "6:5:2,"], "--convs: '6:5:2,'"),
+    (["--dense", ","], "--dense: ',': expected integers like 120,84, or 'none'"),
+    (["--dense", ""], "--dense: '': expected"),
+    (["--convs", "-3:5:2"], "model.convs[1].channels: expected a positive integer, got -3"),
+    (["--dense", "-5,3"], "model.dense[1]: expected a positive integer, got -5"),
+    (["--weight-decay", "nan"], "train.weight_decay: expected a finite number >= 0, got nan"),
+    (["--weight-decay", "inf"], "train.weight_decay: expected a finite number >= 0, got inf"),
 ])
 def test_bad_specs_fail_before_training_with_one_line(data, tmp_path, capsys, isolated_env,
                                                       flags, message):
-    with pytest.raises(SystemExit) if flags[1] == "6:five" else _no_raise():
+    parser_error = flags[1] in ("6:five", "6", "6:5:2,", ",", "")
+    with pytest.raises(SystemExit) if parser_error else _no_raise():
         assert _train(data, tmp_path / "r", *flags) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -136,3 +145,33 @@ def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isol
     out, err = capsys.readouterr()
     assert out == "" and not jpg.exists()  # before the table
     assert err == f"lenet: error: {jpg}: a figure is written as .png, .svg or .pdf, not '.jpg'\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nin_channels = 3\n", "model.in_channels 3: IDX images are grayscale"),
+    ("[model]\nimage_size = 32\n", "model.image_size 32: the images are 28x28; --resize 32 "
+     "scales them"),
+    ("[model]\nnum_classes = 5\n", "model.num_classes 5: "),
+    ("[model]\nactivation = 'Relu'\n", "{file}: model.activation: expected one of"),
+    ("[train]\nmomentum = 0.9\nnesterov = true\n", "train.momentum: only for sgd"),
+])
+def test_a_config_file_is_trained_as_written_or_refused(data, tmp_path, capsys, isolated_env,
+                                                        text, message):
+    """What the data decides (channels, size, classes) set otherwise, a bad value (named
+    with its file), and momentum the file names beside --optimizer adam: refused, where
+    they used to be a traceback, a silently different network, or silently dropped."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert cli.main(["train", "--config", str(path), "--optimizer", "adam", "--data",
+                     str(data), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert message.format(file=path) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_json_config_with_a_key_twice_is_refused(data, tmp_path, capsys, isolated_env):
+    path = tmp_path / "c.json"
+    path.write_text('{"model": {"activation": "relu", "activation": "tanh"}}')
+    assert cli.main(["train", "--config", str(path), "--data", str(data)]) == 1
+    assert "c.json: not a readable JSON config (key 'activation' appears twice)" in \
+        capsys.readouterr().err

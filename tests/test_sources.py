@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -239,6 +240,10 @@ def test_fetch_downloads_and_verifies(isolated_env, published, tmp_path):
     assert_same_files(dest, published.folder)
     assert any(line.startswith("downloading train-images-idx3-ubyte.gz (") for line in lines)
     assert sum(line.startswith("verified md5 of") for line in lines) == 4
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in dest.iterdir():  # readable by the others a shared cache serves, as umask allows
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
 
     asked = len(published.server.requests)
     fetch(published.info, dest)

@@ -27,6 +27,7 @@ from lenet.config import (
     PRESETS,
     SCHEDULES,
     ConvSpec,
+    ModelSpec,
     RunConfig,
     inherited_momentum_off,
     merge_config,
@@ -129,21 +130,43 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _convs(text: str) -> tuple[ConvSpec, ...]:
+    # Every layer names its kernel: `--convs 6` must not quietly mean 6:5:0.
     try:
-        return tuple(ConvSpec(*(int(v) for v in item.split(":")))
-                     for item in text.split(",") if item)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"'{text}': expected channels:kernel[:padding],... e.g. 6:5:2,16:5") from None
+        items = [[int(v) for v in item.split(":")] for item in text.split(",")]
+        if all(2 <= len(item) <= 3 for item in items):
+            return tuple(ConvSpec(*item) for item in items)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"'{text}': expected channels:kernel[:padding],... e.g. 6:5:2,16:5")
 
 
 def _ints(text: str) -> tuple[int, ...]:
     if text.strip().lower() == "none":
         return ()
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
+    try:  # an empty item is a typo, not "no layer": that is spelled 'none'
+        return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}': expected integers like 120,84") from None
+        raise argparse.ArgumentTypeError(f"'{text}': expected integers like 120,84, or "
+                                         "'none'") from None
+
+
+def _glue_list_values(argv: list[str]) -> list[str]:
+    """`--convs -3:5:2` as `--convs=-3:5:2`: argparse would take the value for an option
+    and say only 'expected one argument'; glued, the value's own error names it."""
+    out, it = [], iter(argv)
+    for arg in it:
+        if arg in ("--convs", "--dense"):
+            value = next(it, None)
+            if value is not None and value.startswith("-") and not value.startswith("--"):
+                out.append(f"{arg}={value}")
+                continue
+            out.append(arg)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(arg)
+    return out
 
 
 def build_config(a) -> RunConfig:
@@ -157,14 +180,24 @@ def build_config(a) -> RunConfig:
     cfg = preset(base_name or "book")
     if a.config:
         # The label is the base actually used: --preset beats the file's "preset".
-        cfg = replace(merge_config(cfg, partial, a.config), preset=cfg.preset)
+        try:
+            cfg = replace(merge_config(cfg, partial, a.config), preset=cfg.preset)
+        except ConfigError as e:  # a bad value's check does not know the file: name it
+            text = str(e)
+            raise ConfigError(text if text.startswith(str(a.config))
+                              else f"{a.config}: {text}") from None
     cfg = override(cfg, "model", activation=a.activation, pooling=a.pooling, convs=a.convs,
                    dense=a.dense, batch_norm=a.batch_norm, init=a.init,
                    dropout=getattr(a, "dropout", None))
     cfg = override(cfg, "data", name=_data_name(getattr(a, "data", None)), resize=a.resize)
     if hasattr(a, "epochs"):
-        given = {k: getattr(a, k) for k in ("optimizer", "momentum", "nesterov")
-                 if getattr(a, k) is not None}
+        # Momentum a config file names counts as given, as on the command line: Adam then
+        # refuses it rather than quietly dropping it.
+        named = partial.get("train", {}) if isinstance(partial, dict) else {}
+        given = {**{k: named[k] for k in ("momentum", "nesterov")
+                    if isinstance(named, dict) and k in named},
+                 **{k: getattr(a, k) for k in ("optimizer", "momentum", "nesterov")
+                    if getattr(a, k) is not None}}
         cfg = override(cfg, "train", **inherited_momentum_off(given))
         cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        optimizer=a.optimizer, momentum=a.momentum, nesterov=a.nesterov,
@@ -177,6 +210,7 @@ def build_config(a) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = _glue_list_values(sys.argv[1:] if argv is None else list(argv))
     args, extra = _parser().parse_known_args(argv)
     if extra:  # said by the verb's own parser, which names the verb and its --help
         # A list of files ends at the first option: `predict RUN a.png --json b.png`.
@@ -293,14 +327,27 @@ def _data_name(value: str | None) -> str | None:
     return str(path.resolve())
 
 
-def _fit_to_data(cfg: RunConfig, ds) -> RunConfig:
-    """The model's input size and class count come from the data."""
+def _fit_to_data(cfg: RunConfig, ds, resumed: bool = False) -> RunConfig:
+    """The model's input size and class count come from the data. (A resumed run's were
+    fitted to its data when it started; `_check_same_data` compares them.)"""
     from lenet.models import feature_shapes
 
     _, rows, cols = ds.train.images.shape
     if rows != cols:
         raise ConfigError(f"{ds.location}: images are {rows}x{cols}; expected square images")
-    model = replace(cfg.model, image_size=cfg.data.resize or rows, num_classes=len(ds.classes))
+    size, classes = cfg.data.resize or rows, len(ds.classes)
+    # A config file that sets what the data decides, to something else, is refused: the
+    # network trained would not be the one the file (and `lenet summary`) describes.
+    default = ModelSpec()
+    for key, value, want, how in (
+            ("in_channels", cfg.model.in_channels, 1, "IDX images are grayscale"),
+            ("image_size", cfg.model.image_size, size,
+             f"the images are {size}x{size}" + ("" if cfg.data.resize else
+                                              f"; --resize {cfg.model.image_size} scales them")),
+            ("num_classes", cfg.model.num_classes, classes, f"{ds.name} has {classes} classes")):
+        if value != want and value != getattr(default, key) and not resumed:
+            raise ConfigError(f"model.{key} {value}: {how}; leave it out, the data decides it")
+    model = replace(cfg.model, image_size=size, num_classes=classes)
     feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
     return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
 
@@ -410,7 +457,7 @@ def _train(a, folders: list, painter=None) -> int:
                   f"torchrun): waiting for the others at {where}", file=sys.stderr, flush=True)
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
-    cfg = _fit_to_data(cfg, ds)
+    cfg = _fit_to_data(cfg, ds, resumed=state is not None)
     if state is not None:
         _check_same_data(state["config"], cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)

@@ -116,8 +116,9 @@ class TrainSpec:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected 0 <= x < 1, "
                                   f"got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < float("inf"):  # nan too
+            raise ConfigError(f"train.weight_decay: expected a finite number >= 0, got "
+                              f"{self.weight_decay}")
         _choice("train.device", self.device, DEVICES)
         if not 0 <= self.seed < 2**63:  # torch's generators take a signed 64-bit seed
             raise ConfigError(f"train.seed: expected 0 <= seed < 2**63, got {self.seed}")
@@ -158,7 +159,8 @@ def read_config_file(path: str | Path) -> dict:
                 import tomli as tomllib
 
             return tomllib.loads(path.read_text(encoding="utf-8-sig"))
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_text(encoding="utf-8-sig"),
+                          object_pairs_hook=_no_repeated_keys)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -166,6 +168,17 @@ def read_config_file(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         kind = "TOML" if toml else "JSON"
         raise ConfigError(f"{path}: not a readable {kind} config ({e})") from None
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """JSON allows a key twice (the last wins); TOML does not, and neither do we: one of
+    the two was meant."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key '{key}' appears twice")
+        seen[key] = value
+    return seen
 
 
 def merge_config(base: RunConfig, partial: dict, where: str) -> RunConfig:

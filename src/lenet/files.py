@@ -17,7 +17,8 @@ def atomic_write(path: Path, write) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         if hasattr(os, "fchmod"):  # POSIX (Windows has it from Python 3.13, and no modes)
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide run files from others
+            # mkstemp's 0600 would hide run files from others
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -39,7 +40,7 @@ def atomic_write(path: Path, write) -> None:
         pass
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -33,7 +33,8 @@ def feature_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
         if out < 1:
             raise ConfigError(
                 f"conv{i}: a {conv.kernel}x{conv.kernel} kernel with padding {conv.padding} "
-                f"does not fit its {c}x{s}x{s} input (output would be {out}x{out})")
+                f"does not fit its {c}x{s}x{s} input (expected a kernel of at most "
+                f"{s + 2 * conv.padding} with that padding)")
         c, s = conv.channels, out
         values += c * s * s
         shapes.append((f"conv{i}", (c, s, s)))

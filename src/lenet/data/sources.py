@@ -35,6 +35,7 @@ from lenet.data.layout import (
     stored_transposed,
 )
 from lenet.errors import DataError, DownloadError, IDXError
+from lenet.files import current_umask
 
 Report = Callable[[str], None]
 
@@ -300,6 +301,7 @@ def _download(url: str, target: Path, expected: str, timeout: float, say: Report
         actual = digest.hexdigest()
         if actual != expected:
             return f"expected md5 {expected}, got {actual}"
+        part.chmod(0o666 & ~current_umask())  # mkstemp's 0600 would hide a shared cache
         os.replace(part, target)
         _fsync_folder(target.parent)
         return None
