@@ -154,7 +154,8 @@ def test_activations_default_writes_the_figure_and_prints_the_table(run, capsys,
                         "act2", "mean", "act2", "max", "act2", ">0.5"]
     assert [line.split()[2] for line in out[1:5]] == ["Pullover", "Pullover", "Coat", "Coat"]
     assert all(re.search(r"\d+%$", line) for line in out[1:5])
-    assert out[5].startswith(">0.5: share of a layer's units above 0.5, the midpoint of sigmoid")
+    assert out[5].startswith(">0.5: share of a layer's units above 0.5, what sigmoid gives "
+                              "an input of 0")
     assert out[6] == f"figure: {run / 'activations.png'}"
     assert_picture(run / "activations.png", (1200, 300), (2200, 800))
 

@@ -174,8 +174,9 @@ def cmd_activations(a) -> int:
     for r in table:
         print("  ".join(v.ljust(w) if c < 3 else v.rjust(w)
                         for c, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    print(f">{above:g}: share of a layer's units above {above:g}, the midpoint of "
-          f"{cfg.model.activation} (active); mean and max over all its units")
+    print(f">{above:g}: share of a layer's units above {above:g}, what "
+          f"{cfg.model.activation} gives an input of 0 (active); mean and max over all its "
+          "units")
     print(f"figure: {out}")
     return 0
 
