@@ -317,7 +317,7 @@ class Storage:
         return self.describe()
 
 
-DEFAULT_FILES = {"sweep.db": "rdb", "sweep.journal": "journal"}
+DEFAULT_FILES = ("sweep.db", "sweep.journal")  # the default storages, one worker and several
 
 
 def choose_storage(url: str | None, out: Path, workers: int) -> Storage:
