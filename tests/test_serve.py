@@ -158,6 +158,12 @@ ERRORS = [
      400, "model=2: expected 0 to 1 (2 runs served)"),
     ("post", "/api/predict?model=a", b"\0" * 784, {"Content-Type": "application/octet-stream"},
      400, "model=a: expected 0 to 1"),
+    ("post", "/api/predict?model=%D9%A1", b"\0" * 784,  # an Arabic-Indic 1: not a 1 here
+     {"Content-Type": "application/octet-stream"}, 400, "model=\u0661: expected 0 to 1"),
+    ("post", "/api/predict?model=1&model=0", b"\0" * 784,
+     {"Content-Type": "application/octet-stream"}, 400, "model= given 2 times: expected once"),
+    ("get", "/api/example?index=%201", None, {}, 400, "index= 1: expected 0 to 199"),
+    ("get", "/api/example?index=1&index=2", None, {}, 400, "index= given 2 times"),
     ("post", "/api/predict", b"\0" * 783, {"Content-Type": "application/octet-stream"},
      400, "a raw body must be exactly 784 bytes (28x28 uint8, 0 = background); got 783"),
     ("post", "/api/predict", b"hello", {"Content-Type": "text/plain"}, 415,

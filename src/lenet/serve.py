@@ -191,7 +191,19 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
     async def api_info(request):
         return answer(info)
 
+    def whole(text: str) -> int:
+        """A non-negative integer in ASCII digits, else -1 (int() would take '١' or ' 1')."""
+        return int(text) if text.isascii() and text.isdigit() else -1
+
+    def once(request) -> None:
+        """A parameter given twice is refused: which of the two was meant?"""
+        q = request.query_params
+        twice = next((k for k in q if len(q.getlist(k)) > 1), None)
+        if twice is not None:
+            raise Rejected(400, f"{twice}= given {len(q.getlist(twice))} times: expected once")
+
     async def api_predict(request):
+        once(request)
         served, index = pick(request.query_params.get("model"))
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in IMAGE_TYPES and media_type != RAW_TYPE:
@@ -207,10 +219,7 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
     def pick(value: str | None) -> tuple[Served, int]:
         if value is None:
             return models[0], 0
-        try:
-            index = int(value)
-        except ValueError:
-            index = -1
+        index = whole(value)
         if not 0 <= index < len(models):
             raise Rejected(400, f"model={value}: expected 0 to {len(models) - 1} "
                            f"({len(models)} run{'s' if len(models) > 1 else ''} served)")
@@ -221,7 +230,7 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
         when given, else while it streams in (chunked uploads declare no length)."""
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if whole(declared) < 0:
                 raise Rejected(400, f"Content-Length '{declared}': expected a number")
             if int(declared) > MAX_BODY:
                 raise Rejected(413, too_big(int(declared)))
@@ -240,13 +249,14 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
     async def api_example(request):
         if test is None:
             raise Rejected(503, test_note or "no test set is loaded")
+        once(request)
         q = request.query_params
         n = len(test.labels)
         if "index" in q and "class" in q:
             raise Rejected(400, "give class=NAME or index=N, not both")
         if "index" in q:
             text = q["index"]
-            i = int(text) if text.strip().isdigit() else -1
+            i = whole(text)
             if not 0 <= i < n:
                 raise Rejected(400, f"index={text}: expected 0 to {n - 1} (the test set's "
                                "size)")
