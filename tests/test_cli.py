@@ -176,12 +176,16 @@ def test_two_trainings_in_one_folder_the_second_refuses(tmp_path, isolated_env):
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, len(rows)))
 
 
-def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, isolated_env):
-    """SIGINT during training: the step finishes, last.ckpt is written mid-epoch, the exact
-    resume command is printed, exit status 130; the resumed run finishes that epoch."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, isolated_env,
+                                                                    signame):
+    """SIGINT (or SIGTERM: `kill`, a batch scheduler) during training: the step finishes,
+    last.ckpt is written mid-epoch, the exact resume command is printed, exit status
+    128 + the signal; the resumed run finishes that epoch."""
     import signal
     import time
 
+    sig = getattr(signal, signame)
     data = make_idx_folder(tmp_path / "data", n_train=4096, n_test=64)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lenet", "train", "--data", str(data),
@@ -193,10 +197,12 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, is
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert f"resume with: lenet train --resume {run}" in out
+    assert (f"({signame}): saved" in out) == (signame == "SIGTERM")
+    assert (run / "curves.png").exists()  # drawn on the way out, as at the end
     state = load(run / "last.ckpt")
     assert state["partial"] is not None and state["partial"]["step"] >= 1
     done = state["epoch"]

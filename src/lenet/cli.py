@@ -504,15 +504,18 @@ def _train(a, folders: list, painter=None) -> int:
     if state is not None:
         trainer.restore(state)
     train, test = _batches(ds, cfg, device)
+    stopped_by = []  # the signal that asked for a gentle stop
     if dist is None:  # under torchrun the ranks could stop at different steps: no gentle stop
-        _stop_gently_on_ctrl_c(trainer)
+        _stop_gently(trainer, stopped_by)
     _freeze_set_up()
     try:
         trainer.fit(model, train, test)
     except TrainingInterrupted as e:
-        progress.say(f"{e}: saved {folder.last}")
+        by = stopped_by[0] if stopped_by else signal.SIGINT
+        how = "" if by == signal.SIGINT else f" ({signal.Signals(by).name})"
+        progress.say(f"{e}{how}: saved {folder.last}")
         progress.say(f"resume with: lenet train --resume {shlex.quote(str(folder.path))}")
-        return 130
+        return 128 + by
     except KeyboardInterrupt:  # under torchrun: no gentle stop, the last epoch's checkpoint
         if trainer.epoch:
             progress.say(f"interrupted: epoch {trainer.epoch} is saved in {folder.last}; "
@@ -521,6 +524,7 @@ def _train(a, folders: list, painter=None) -> int:
         raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         distributed.close()
     progress.say(f"run folder: {folder.path}")
     return 0
@@ -583,14 +587,17 @@ def _threads() -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
-def _stop_gently_on_ctrl_c(trainer) -> None:
-    """First Ctrl-C: finish the current step, checkpoint, exit 130. Second: stop now."""
+def _stop_gently(trainer, stopped_by: list) -> None:
+    """First Ctrl-C, or SIGTERM (`kill`, a batch scheduler's notice before it kills): finish
+    the current step, checkpoint, exit 128 + the signal. A second: stop now."""
     def handler(signum, frame):
         if trainer.stop_requested:
             raise KeyboardInterrupt
+        stopped_by.append(signum)
         trainer.stop_requested = True
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def cmd_evaluate(a) -> int:
