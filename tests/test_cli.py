@@ -305,18 +305,26 @@ def test_output_outlives_reader_drops_output_after_a_broken_pipe(monkeypatch):
     assert sys.stdout is pipe and pipe.lines == ["one", "\n"]
 
 
-def test_a_folder_without_a_checkpoint_or_a_file_as_out_is_refused_with_the_right_advice(
+def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced_a_file_is_refused(
         tmp_path, capsys, isolated_env):
+    """A recipe that diverged at once (or a Ctrl-C while the kernel built) leaves only
+    config.json and log.txt: nothing to resume or lose, so the next command may train
+    there (it used to be refused until the folder was removed by hand)."""
     data = make_idx_folder(tmp_path / "data", n_train=256, n_test=64)
     div = tmp_path / "div"
     cli.main(["train", "--preset", "modern", "--lr", "100", "--data", str(data), "--epochs",
               "1", "--out", str(div), "--no-progress"])
     assert (div / "config.json").exists() and not (div / "last.ckpt").exists()
+    assert "lr 100" in (div / "log.txt").read_text()
     capsys.readouterr()
-    assert cli.main(["train", "--data", str(data), "--out", str(div)]) == 1
-    assert capsys.readouterr().err == (
-        f"lenet: error: {div}: holds a run that stopped before its first checkpoint, so there "
-        "is nothing to resume; remove the folder or choose another --out\n")
+    assert cli.main(["train", "--preset", "modern", "--data", str(data), "--epochs", "1",
+                     "--out", str(div), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(replacing a run that stopped before its first checkpoint)" in out
+    assert (div / "last.ckpt").exists()
+    log = (div / "log.txt").read_text()
+    assert "lr 0.1," in log and "lr 100" not in log  # the new run's log alone
+    assert json.loads((div / "config.json").read_text())["train"]["lr"] == 0.1
     (tmp_path / "f.png").write_bytes(b"x")
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "f.png")]) == 1
     assert "f.png: is a file, expected a folder for the run" in capsys.readouterr().err

@@ -467,8 +467,9 @@ def _train(a, folders: list, painter=None) -> int:
         checkpoint.restore_model(ckpt, state, model)
         if main_rank:
             folder.write_text(folder.config, cfg.to_json())  # records a changed --epochs
-    elif main_rank:
-        folder.create(cfg)
+    replaced = False
+    if state is None and main_rank:
+        replaced = folder.create(cfg)
     table = _summary_table(cfg, model)
 
     if not main_rank:  # rank 0 prints and writes the run folder; the others only train
@@ -482,7 +483,9 @@ def _train(a, folders: list, painter=None) -> int:
                  + ("; stored transposed, turned upright" if ds.transposed else ""))
     epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
     progress.say(f"preset {cfg.preset}: lr {cfg.train.lr:g}, batch {cfg.train.batch_size}, "
-                 f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}")
+                 f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}"
+                 + (" (replacing a run that stopped before its first checkpoint)"
+                    if replaced else ""))
     was = state["config"].train.epochs if state is not None else cfg.train.epochs
     if was != cfg.train.epochs and (cfg.train.schedule != "constant" or cfg.train.warmup):
         progress.say(f"note: the {cfg.train.schedule} schedule"

@@ -41,18 +41,23 @@ class RunFolder:
             path, n = Path(root) / f"{stamp}-{preset}-{n}", n + 1
         return RunFolder(path)
 
-    def create(self, cfg: RunConfig) -> None:
+    def create(self, cfg: RunConfig) -> bool:
         """Make the folder, take its lock and write config.json; fail early, naming the
-        folder, when it already holds a run or cannot be written."""
+        folder, when it already holds a run or cannot be written. True when it replaced a
+        run that had stopped before its first checkpoint."""
         self.check_new()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock()
             self.check_new()  # another process may have created it meanwhile
+            replaced = self.config.exists()
+            for leftover in (self.log, self.summary, self.curves):
+                leftover.unlink(missing_ok=True)
             self.write_text(self.config, cfg.to_json())
         except OSError as e:
             raise RunFolderError(f"{self.path}: cannot write the run folder "
                                  f"({e.strerror or e})") from None
+        return replaced
 
     def lock(self) -> None:
         """Hold an exclusive lock on the folder for as long as this process lives, so two
@@ -91,9 +96,10 @@ class RunFolder:
             raise RunFolderError(f"{self.path}: holds a run's {', '.join(files)} (its "
                                  "config.json is gone); choose another --out")
         if self.config.exists() and not self.last.exists():
-            raise RunFolderError(f"{self.path}: holds a run that stopped before its first "
-                                 "checkpoint, so there is nothing to resume; remove the folder "
-                                 "or choose another --out")
+            # Stopped before its first checkpoint (Ctrl-C while the kernel built, a recipe
+            # that diverged at once): nothing to resume or lose, so the same command, run
+            # again, trains here (create replaces its config.json and log.txt).
+            return
         if self.config.exists():
             raise RunFolderError(f"{self.path}: already holds a run; continue it with "
                                  f"'lenet train --resume {self.path}' or choose another --out")
