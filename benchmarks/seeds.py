@@ -4,7 +4,7 @@ its own process, one after another, with its whole-process wall time.
     python benchmarks/seeds.py [--preset fast] [--seeds 0,1,2,3,4] [--epochs N] [--data DIR]
                                [--keep DIR]
 
-Prints a row per seed (with the peak RSS of the run's process tree, sampled as
+Prints a row per seed (with the peak memory, PSS, of the run's process tree, sampled as
 train_speed.py does) and the mean ± std (sample std) of the final test accuracy and of
 the wall seconds. Not part of the test suite.
 """
@@ -37,7 +37,7 @@ def main() -> None:
         print(f"preset {a.preset}, seeds {a.seeds}"
               + (f", {a.epochs} epochs" if a.epochs else ""))
         print(f"{'seed':>4} {'test acc':>8} {'best':>6} {'wall s':>7} {'examples/s':>10} "
-              f"{'peak RSS':>9}")
+              f"{'peak PSS':>9}")
         for seed in seeds:
             out = root / f"{a.preset}-seed{seed}"
             epochs = ["--epochs", str(a.epochs)] if a.epochs else []

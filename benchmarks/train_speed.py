@@ -53,14 +53,16 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (DataLoader workers count)."""
+def tree_memory(pid: int) -> int:
+    """Bytes of memory a process and all its descendants (DataLoader workers count) use:
+    their proportional set sizes (PSS), where pages a forked worker shares with its parent
+    count once in all, not once per process as summed RSS would count them; summed RSS where
+    the kernel gives no smaps_rollup."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            total += _pss(p)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
@@ -69,8 +71,21 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except PermissionError:
+        pass
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def run(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, float, int]:
-    """Run a command; return it, its wall seconds and the peak RSS of its process tree."""
+    """Run a command; return it, its wall seconds and the peak memory (PSS) of its process
+    tree."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
@@ -78,7 +93,7 @@ def run(cmd: list[str], env=None) -> tuple[subprocess.CompletedProcess, float, i
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[0] = max(peak[0], tree_memory(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -99,14 +114,14 @@ def steady(rates: list[float]) -> float:
 
 def bench_peer(name: str, python: str, script: Path, epochs: int, data: str) -> dict:
     """A peer script that prints 'epoch N: ..., R examples/s' lines and a last JSON line."""
-    r, wall, rss = run([python, str(script), "--epochs", str(epochs), "--data", data])
+    r, wall, memory = run([python, str(script), "--epochs", str(epochs), "--data", data])
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     res = rows[-1]
     epoch_rates = [float(line.rsplit(",", 1)[1].split()[0]) for line in r.stdout.splitlines()
                    if line.startswith("epoch ")]
     return {"name": name, "rate": steady(epoch_rates),
             "epoch_s": statistics.median(res["epoch_seconds"]), "wall": wall,
-            "acc": res["test_acc"], "rss": rss, "book_recipe": True}
+            "acc": res["test_acc"], "memory": memory, "book_recipe": True}
 
 
 def bench_book(epochs: int, data: str) -> dict:
@@ -144,7 +159,7 @@ def bench_ours(epochs: int | None, data: str, preset: str, extra=(), env=None) -
     epochs."""
     more = ["--epochs", str(epochs)] if epochs else []
     with tempfile.TemporaryDirectory() as tmp:
-        r, wall, rss = run([sys.executable, "-m", "lenet", "train", "--preset", preset, *more,
+        r, wall, memory = run([sys.executable, "-m", "lenet", "train", "--preset", preset, *more,
                             *extra, "--data", data, "--out", f"{tmp}/run", "--no-progress"],
                            env=env)
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
@@ -152,7 +167,7 @@ def bench_ours(epochs: int | None, data: str, preset: str, extra=(), env=None) -
     return {"name": name, "book_recipe": preset == "book",
             "rate": steady([float(x["examples_per_s"]) for x in rows]),
             "epoch_s": statistics.median(float(x["seconds"]) for x in rows), "wall": wall,
-            "acc": float(rows[-1]["test_acc"]), "rss": rss}
+            "acc": float(rows[-1]["test_acc"]), "memory": memory}
 
 
 def main() -> None:
@@ -219,7 +234,7 @@ def main() -> None:
     by_key = {r["key"]: r for r in results}
     bases = [(f"vs {key}", by_key.get(key)) for key in ("book", *PEERS)]
     head = (f"{'':<37} {'examples/s':>10} {'s/epoch':>8} {'wall s':>7} {'test acc':>8} "
-            f"{'peak RSS':>9} {'% floor':>7} " + " ".join(h for h, _ in bases))
+            f"{'peak PSS':>9} {'% floor':>7} " + " ".join(h for h, _ in bases))
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         # Ratios and the floor are for the book's network; another network does other work.
@@ -229,7 +244,7 @@ def main() -> None:
             for h, base in bases)
         share = f"{100 * r['rate'] / floor:.1f}%" if same else "-"
         print(f"{r['name']:<37} {r['rate']:>10,.0f} {r['epoch_s']:>8.2f} {r['wall']:>7.1f} "
-              f"{r['acc']:>8.3f} {r['rss'] / 2**20:>7,.0f}MB {share:>7} {ratios}")
+              f"{r['acc']:>8.3f} {r['memory'] / 2**20:>7,.0f}MB {share:>7} {ratios}")
 
 
 if __name__ == "__main__":

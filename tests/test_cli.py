@@ -214,6 +214,8 @@ def test_ctrl_c_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, is
                                       f"at least {done + 1}") in r.stderr
     r = run_cli("train", "--resume", run, "--epochs", done + 1)  # finish the cut epoch
     assert r.returncode == 0, r.stderr
+    step = state["partial"]["step"]
+    assert f"resuming epoch {done + 1} of {done + 1} after its step {step}" in r.stdout
     rows = list(csv.reader((run / "metrics.csv").open()))
     assert [int(row[0]) for row in rows[1:]] == list(range(1, done + 2))
     assert load(run / "last.ckpt")["partial"] is None

@@ -19,7 +19,7 @@ from lenet.errors import ConfigError
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 ROOT = Path(__file__).resolve().parents[1]
-EXERCISE2 = ROOT / "examples" / "exercise2.toml"
+EXERCISE2 = ROOT / "src" / "lenet" / "spaces" / "exercise2.toml"
 
 
 def write(tmp_path: Path, text: str, name: str = "space.toml") -> Path:
@@ -452,3 +452,16 @@ def test_a_journal_file_that_cannot_be_made_is_one_line_naming_storage(tmp_path)
     where = tmp_path / "file" / "sub" / "sweep.journal"  # under a file: no folder can be made
     with pytest.raises(ConfigError, match=f"--storage {where}: cannot create or open"):
         sweep.open_storage(sweep.choose_storage(str(where), tmp_path, 1), 30)
+
+
+def test_the_chapter_space_is_built_in_by_name(tmp_path, monkeypatch):
+    """Installed from a wheel there is no examples/ folder: `--space exercise2` finds the
+    copy shipped in the package; a file of that name in the working folder wins."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep.space_file("exercise2") == EXERCISE2
+    assert sweep.load_space(sweep.space_file("exercise2")).params
+    (tmp_path / "exercise2").write_text("")
+    assert sweep.space_file("exercise2") == Path("exercise2")
+    with pytest.raises(ConfigError, match=r"^nope.toml: no such file \(built-in spaces: "
+                                          r"exercise2\)$"):
+        sweep.space_file("nope.toml")

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=DEVICES, help="default auto: cuda if available")
     t.add_argument("--data", help="fashion-mnist (default), mnist, a folder of IDX files, or "
                    "FOLDER/PREFIX of a set in one (EMNIST's layout)")
-    t.add_argument("--resize", type=int, help="scale images to N x N on the fly")
+    t.add_argument("--resize", type=int, metavar="N", help="scale images to N x N on the fly, "
+                   "as the book's resize (default: the data's size)")
     t.add_argument("--out", help="run folder to write (default runs/<time>-<preset>)")
     t.add_argument("--runs-dir", default="runs", help="where new run folders go (default runs)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.ckpt")
@@ -87,15 +88,18 @@ def _parser() -> argparse.ArgumentParser:
 
     e = verbs.add_parser("evaluate", help="test loss and accuracy of a trained run")
     e.add_argument("run", metavar="RUN_DIR")
-    e.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    e.add_argument("--data", help="evaluate on another data set or folder")
-    e.add_argument("--device", choices=DEVICES, default="auto")
+    e.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="the latest epoch's weights, or the best test accuracy's (default "
+                   "last)")
+    e.add_argument("--data", help="evaluate on another data set or folder (default: the run's)")
+    e.add_argument("--device", choices=DEVICES, default="auto",
+                   help="default auto: cuda if available")
 
     s = verbs.add_parser("summary", help="layer table: output shapes, parameters, mult-adds")
     s.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default book)")
     s.add_argument("--config", metavar="FILE", help="JSON or TOML config (as for train)")
     _spec_flags(s)
-    s.add_argument("--resize", type=int, help="input size N x N")
+    s.add_argument("--resize", type=int, metavar="N", help="input size N x N (default 28)")
 
     c = verbs.add_parser("compare", help="table and curves of several runs side by side")
     c.add_argument("runs", metavar="RUN_DIR", nargs="+")

@@ -18,7 +18,8 @@ def add_parser(verbs) -> None:
         description="Every machine runs the same command against the same --storage; "
                     "re-running it resumes the study up to --n-trials.")
     s.add_argument("--space", required=True, metavar="FILE",
-                   help="TOML or JSON search space (see examples/exercise2.toml)")
+                   help="TOML or JSON search space, or a built-in one by name: "
+                        "exercise2 (the chapter's knobs)")
     s.add_argument("--n-trials", required=True, type=int, metavar="N",
                    help="trials in the whole study, all workers and machines together")
     s.add_argument("--workers", type=int, default=1, metavar="W",
@@ -55,6 +56,7 @@ def cmd_sweep(a) -> int:
     top = 2**32 - a.workers  # Optuna's sampler takes 0..2**32-1, and worker i adds i
     if a.seed is not None and not 0 <= a.seed <= top:
         raise ConfigError(f"--seed {a.seed}: expected 0 to {top:,}")
+    a.space = sweep.space_file(a.space)
     space = _load_space(a.space, a.epochs)
     sweep.quiet_optuna()  # imports it: a missing extra is the first thing said
     out = Path(a.out)

@@ -26,7 +26,10 @@ class ConsoleProgress(Callback):
                 f.write(line + "\n")
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.epoch:
+        if trainer.partial is not None:  # stopped mid-epoch: that epoch goes on
+            self.say(f"resuming epoch {trainer.epoch + 1} of {trainer.spec.epochs} after its "
+                     f"step {trainer.partial['step']}")
+        elif trainer.epoch:
             self.say(f"resuming after epoch {trainer.epoch} of {trainer.spec.epochs}")
 
     def on_epoch_start(self, trainer: Trainer, epoch: int, steps: int) -> None:

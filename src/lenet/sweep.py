@@ -182,6 +182,25 @@ def _dense_stack(base: ModelSpec, d: dict) -> list:
     return [max(1, w) for w in widths]
 
 
+SPACES = Path(__file__).parent / "spaces"  # built-in space files, installed with the package
+
+
+def space_file(given: str) -> Path:
+    """GIVEN's path; a bare name that is no file here (`exercise2`) names a built-in space."""
+    path = Path(given).expanduser()
+    builtin = SPACES / f"{given}.toml"
+    if path.exists():
+        return path
+    if given.isidentifier() and builtin.is_file():
+        return builtin
+    raise ConfigError(f"{given}: no such file (built-in spaces: "
+                      f"{', '.join(builtin_spaces()) or 'none'})")
+
+
+def builtin_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES.glob("*.toml"))
+
+
 def load_space(path: str | Path) -> Space:
     """Read and check a space file; every mistake is one line naming the file and key."""
     path = Path(path)
