@@ -297,12 +297,20 @@ def test_falls_back_when_a_mirror_404s_or_serves_a_bad_file(isolated_env, publis
 
 def test_every_mirror_failing_names_each_url(isolated_env, published, tmp_path, closed_url):
     dest = tmp_path / "dest"
+    lines: list[str] = []
     with pytest.raises(DownloadError) as caught:
-        fetch(published.info, dest, mirrors=(closed_url, published.server.url + "missing/"))
+        fetch(published.info, dest, mirrors=(closed_url, published.server.url + "missing/"),
+              report=lines.append)
     message = str(caught.value)
     assert f"{closed_url}train-images-idx3-ubyte.gz: " in message
     assert "missing/train-images-idx3-ubyte.gz: HTTP 404" in message
-    assert listing(dest) == []
+    assert message.endswith("; offline? give the files with --data DIR, or point "
+                            "$LENET_MIRROR at a mirror or folder")
+    # The first failure is said as it happens (another mirror follows); the last only in
+    # the error, not twice.
+    assert sum("missing/train-images" in line for line in lines) == 0
+    assert sum(closed_url in line for line in lines) == 1
+    assert not dest.exists()  # made for the download, left empty: removed
 
 
 def test_unreachable_mirror(isolated_env, published, tmp_path, closed_url):

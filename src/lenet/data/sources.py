@@ -226,6 +226,7 @@ def fetch(
     """
     say = report or _quiet
     dest = Path(dest).expanduser() if dest is not None else cache_root() / info.name
+    made = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -252,10 +253,14 @@ def fetch(
                 say(f"verified md5 of {name} ({expected})")
                 break
             failures.append(f"{url}: {problem}")
-            say(f"{url}: {problem}")
+            if len(failures) < len(bases):  # the next mirror is tried; the last goes below
+                say(f"{url}: {problem}")
         else:
+            if made and not any(dest.iterdir()):  # no empty folder left behind
+                dest.rmdir()
             tried = "; ".join(failures) or "no mirror to try (give mirrors or set $LENET_MIRROR)"
-            raise DownloadError(f"{name}: download failed: {tried}")
+            raise DownloadError(f"{name}: download failed: {tried}; offline? give the files "
+                                "with --data DIR, or point $LENET_MIRROR at a mirror or folder")
     return dest
 
 
