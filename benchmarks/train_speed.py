@@ -53,6 +53,24 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
 
 
+def probe(data_arg: str | None) -> None:
+    """The data, the fused kernel, torch and the GEMM rate, as JSON on stdout (run as a
+    child: see main)."""
+    import torch
+
+    from lenet import fused
+    from lenet.data import sources
+
+    found = sources.locate("fashion-mnist", data_arg)
+    if found is None:
+        sys.exit("Fashion-MNIST not found: run 'make data' or 'lenet data fetch fashion-mnist'")
+    # Built at install (make setup); built here if not, so no contender's wall time and
+    # memory include a compiler run.
+    kernel = "ready" if fused.load() is not None else f"unavailable ({fused.why_unavailable()})"
+    print(json.dumps({"data": str(found[1]), "kernel": kernel, "gflops": matmul_gflops(),
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
 def tree_memory(pid: int) -> int:
     """Bytes of memory a process and all its descendants (DataLoader workers count) use:
     their proportional set sizes (PSS), where pages a forked worker shares with its parent
@@ -77,7 +95,7 @@ def _pss(pid: int) -> int:
             for line in f:
                 if line.startswith("Pss:"):
                     return int(line.split()[1]) * 1024
-    except PermissionError:
+    except (FileNotFoundError, PermissionError):  # a kernel before 4.14: no smaps_rollup
         pass
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -183,25 +201,24 @@ def main() -> None:
                    help="python with lightning (default: $LENET_LIGHTNING_PYTHON, else this "
                    "one if it has it)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: discovered)")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
 
-    import torch
-
-    from lenet.data import sources
-
-    found = sources.locate("fashion-mnist", a.data)
-    if found is None:
-        sys.exit("Fashion-MNIST not found: run 'make data' or 'lenet data fetch fashion-mnist'")
-    data = str(found[1])
-    from lenet import fused
-
-    # Built at install (make setup); built here if not, so no contender's wall time and
-    # memory include a compiler run.
-    kernel = "ready" if fused.load() is not None else f"unavailable ({fused.why_unavailable()})"
-    gflops = matmul_gflops()
+    if a.probe:
+        probe(a.data)
+        return
+    # torch is imported only in a child: PSS splits the pages a contender shares with its
+    # parent, and this process holding torch would take part of every torch contender's.
+    done = subprocess.run([sys.executable, __file__, "--probe", *(["--data", a.data]
+                                                                  if a.data else [])],
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(done.returncode)
+    machine = json.loads(done.stdout)
+    data, kernel, gflops = machine["data"], machine["kernel"], machine["gflops"]
     floor = gflops * 1e9 / FLOP_PER_EXAMPLE
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python "
+          f"torch {machine['torch']} ({machine['threads']} threads), python "
           f"{platform.python_version()}")
     print(f"fp32 matmul {gflops:.0f} GFLOP/s -> compute floor ~{floor:,.0f} examples/s "
           f"(book LeNet-5, {FLOP_PER_EXAMPLE / 1e6:.1f} MFLOP per training example)")

@@ -327,6 +327,17 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced_a_file_is_re
     log = (div / "log.txt").read_text()
     assert "lr 0.1," in log and "lr 100" not in log  # the new run's log alone
     assert json.loads((div / "config.json").read_text())["train"]["lr"] == 0.1
+    # Only a lenet run's folder: a config.json of something else, and the user's files
+    # beside it, are not replaced.
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"my": "settings"}')
+    (theirs / "log.txt").write_text("notes")
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--out", str(theirs),
+                     "--no-progress"]) == 1
+    assert capsys.readouterr().err == (f"lenet: error: {theirs}: holds a config.json that "
+                                       "is not a lenet run's; choose another --out\n")
+    assert (theirs / "log.txt").read_text() == "notes"
     (tmp_path / "f.png").write_bytes(b"x")
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "f.png")]) == 1
     assert "f.png: is a file, expected a folder for the run" in capsys.readouterr().err

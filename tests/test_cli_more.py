@@ -263,3 +263,7 @@ def test_activations_takes_a_folder_of_images_like_predict(run, tmp_path, capsys
                      str(tmp_path / "acts.png")]) == 0
     rows = capsys.readouterr().out.splitlines()[1:3]
     assert [r.split()[0] for r in rows] == ["a.png", "b.png"]
+    Image.new("L", (40, 40), 255).save(tmp_path / "white.png")  # nothing in it: said so
+    assert cli.main(["activations", str(run), "--image", str(tmp_path / "white.png"),
+                     "--out", str(tmp_path / "acts.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("white.png (blank)")

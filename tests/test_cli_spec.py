@@ -149,24 +149,41 @@ def test_compare_prints_a_table_and_overlays_curves(data, tmp_path, capsys, isol
 
 @pytest.mark.parametrize("text, message", [
     ("[model]\nin_channels = 3\n", "model.in_channels 3: IDX images are grayscale"),
-    ("[model]\nimage_size = 32\n", "model.image_size 32: the images are 28x28; --resize 32 "
-     "scales them"),
-    ("[model]\nnum_classes = 5\n", "model.num_classes 5: "),
     ("[model]\nactivation = 'Relu'\n", "{file}: model.activation: expected one of"),
-    ("[train]\nmomentum = 0.9\nnesterov = true\n", "train.momentum: only for sgd"),
 ])
-def test_a_config_file_is_trained_as_written_or_refused(data, tmp_path, capsys, isolated_env,
-                                                        text, message):
-    """What the data decides (channels, size, classes) set otherwise, a bad value (named
-    with its file), and momentum the file names beside --optimizer adam: refused, where
-    they used to be a traceback, a silently different network, or silently dropped."""
+def test_a_config_file_that_cannot_train_is_refused_naming_it(data, tmp_path, capsys,
+                                                              isolated_env, text, message):
+    """A channel count no IDX data set has (it was a traceback) and a bad value (now
+    named with its file): one line, no run folder."""
     path = tmp_path / "c.toml"
     path.write_text(text)
-    assert cli.main(["train", "--config", str(path), "--optimizer", "adam", "--data",
-                     str(data), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert cli.main(["train", "--config", str(path), "--data", str(data), "--out",
+                     str(tmp_path / "r"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert message.format(file=path) in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_what_a_config_file_says_otherwise_is_adapted_and_said(data, tmp_path, capsys,
+                                                               isolated_env):
+    """Another run's config.json on other data (another size, other classes), and momentum
+    a file names beside --optimizer adam: the run goes on, and its train line says what
+    changed (these used to change silently)."""
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nimage_size = 32\nnum_classes = 5\n"
+                    "[train]\nmomentum = 0.9\nnesterov = true\n")
+    assert cli.main(["train", "--config", str(path), "--optimizer", "adam", "--data",
+                     str(data), "--epochs", "1", "--out", str(tmp_path / "r"),
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: --optimizer adam drops momentum 0.9, nesterov True of the config file "
+            f"{path}") in out
+    assert "note: model.image_size 32 of the config becomes 28 (" in out
+    assert "--resize 32 scales them)" in out
+    assert "note: model.num_classes 5 of the config becomes 10 (" in out
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["model"]["image_size"], cfg["model"]["num_classes"]) == (28, 10)
+    assert (cfg["train"]["momentum"], cfg["train"]["nesterov"]) == (0.0, False)
 
 
 def test_a_json_config_with_a_key_twice_is_refused(data, tmp_path, capsys, isolated_env):

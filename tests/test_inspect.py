@@ -96,7 +96,7 @@ def test_choose_keeps_the_order_of_the_selectors(tmp_path):
     probes = inspect.choose(_split(), FASHION, class_names=["coat"], per_class=2,
                             indices=[5], images=[tmp_path / "mine.png"],
                             noises=["uniform", "gaussian"], seed=3, blank=True)
-    assert [p.name for p in probes] == ["test #0", "test #3", "test #5", "mine.png",
+    assert [p.name for p in probes] == ["test #0", "test #3", "test #5", "mine.png (blank)",
                                         "uniform noise", "gaussian noise", "blank"]
     assert [p.label for p in probes] == ["Coat", "Coat", "T-shirt/top", None, None, None, None]
     assert all(p.image.shape == (28, 28) and p.image.dtype == np.uint8 for p in probes)
@@ -199,6 +199,6 @@ def test_choose_puts_samples_after_files_and_before_noise(tmp_path):
     Image.new("L", (40, 40), 255).save(tmp_path / "white.png")
     probes = inspect.choose(None, images=[tmp_path / "white.png"], samples=["rocket", "cat"],
                             noises=["uniform"], blank=True)
-    assert [p.name for p in probes] == ["white.png", "rocket (sample)", "cat (sample)",
+    assert [p.name for p in probes] == ["white.png (blank)", "rocket (sample)", "cat (sample)",
                                         "uniform noise", "blank"]
     assert all(p.label is None for p in probes)

@@ -296,7 +296,7 @@ def test_falls_back_when_a_mirror_404s_or_serves_a_bad_file(isolated_env, publis
 
 
 def test_every_mirror_failing_names_each_url(isolated_env, published, tmp_path, closed_url):
-    dest = tmp_path / "dest"
+    dest = tmp_path / "cache" / "dest"
     lines: list[str] = []
     with pytest.raises(DownloadError) as caught:
         fetch(published.info, dest, mirrors=(closed_url, published.server.url + "missing/"),
@@ -310,7 +310,7 @@ def test_every_mirror_failing_names_each_url(isolated_env, published, tmp_path, 
     # the error, not twice.
     assert sum("missing/train-images" in line for line in lines) == 0
     assert sum(closed_url in line for line in lines) == 1
-    assert not dest.exists()  # made for the download, left empty: removed
+    assert not (tmp_path / "cache").exists()  # made for the download, left empty: removed
 
 
 def test_unreachable_mirror(isolated_env, published, tmp_path, closed_url):

@@ -132,8 +132,10 @@ def test_storage_choice():
     assert sweep.choose_storage(None, out, 3) == sweep.Storage("journal", "/x/sweep.journal")
     pg = sweep.choose_storage("postgresql+psycopg://u:secret@h/db", out, 1)
     assert pg.kind == "rdb" and "secret" not in pg.describe()
-    odd = sweep.choose_storage("postgresql+psycopg://u:p@ss/w:rd@h:5432/db", out, 1)
-    assert odd.describe() == "postgresql+psycopg://u:***@h:5432/db"  # an unescaped @ in it
+    with pytest.raises(ConfigError, match=r"^--storage postgresql\+psycopg://u:\*\*\*@h:5432/db: "
+                                          r"its user or password holds '@', which a URL "
+                                          r"spells %40$"):
+        sweep.choose_storage("postgresql+psycopg://u:p@ss/w:rd@h:5432/db", out, 1)
     with pytest.raises(ConfigError, match="--storage '': expected a URL"):
         sweep.choose_storage("", out, 1)
 
@@ -160,6 +162,11 @@ def test_a_sweep_folder_refuses_another_study_or_storage(tmp_path):
     sweep.check_folder_study(tmp_path, db, "ex2", record=True)
     same = sweep.choose_storage(f"sqlite:///{tmp_path}/../{tmp_path.name}/sweep.db", tmp_path, 1)
     sweep.check_folder_study(tmp_path, same, "ex2")  # another spelling of the same file
+    pg = sweep.Storage("rdb", "postgresql+psycopg://u:pw@h/db")
+    (tmp_path / "pg").mkdir()
+    sweep.check_folder_study(tmp_path / "pg", pg, "ex2", record=True)
+    timeout = sweep.Storage("rdb", "postgresql+psycopg://u:other@h/db?connect_timeout=5")
+    sweep.check_folder_study(tmp_path / "pg", timeout, "ex2")  # options and password aside
     with pytest.raises(ConfigError, match=r"holds the trials of study 'ex2' .*--study ex2"):
         sweep.check_folder_study(tmp_path, db, "other")
     with pytest.raises(ConfigError, match=r"in sqlite:///.*sweep.db, not journal file "):
@@ -381,6 +388,7 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_with_its_parameters(tmp_path)
         sweep.work(study, 3, interrupted, by_pid=False)
     failed, queued = study.get_trials()
     assert (failed.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert sweep.trial_rows(study)[0]["note"] == "stopped by Ctrl-C; retried"
     assert queued.params == failed.params and queued.system_attrs["failed_trial"] == 0
     assert sweep.counts(study) == sweep.Counts(done=0, running=0, waiting=1)
 
@@ -460,6 +468,9 @@ def test_the_chapter_space_is_built_in_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert sweep.space_file("exercise2") == EXERCISE2
     assert sweep.load_space(sweep.space_file("exercise2")).params
+    (tmp_path / "exercise2").mkdir()  # e.g. the sweep's own --out
+    assert sweep.space_file("exercise2") == EXERCISE2
+    (tmp_path / "exercise2").rmdir()
     (tmp_path / "exercise2").write_text("")
     assert sweep.space_file("exercise2") == Path("exercise2")
     with pytest.raises(ConfigError, match=r"^nope.toml: no such file \(built-in spaces: "

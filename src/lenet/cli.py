@@ -173,8 +173,9 @@ def _glue_list_values(argv: list[str]) -> list[str]:
     return out
 
 
-def build_config(a) -> RunConfig:
-    """Preset, then --config FILE, then flags: an explicit flag wins."""
+def build_config(a, notes: list | None = None) -> RunConfig:
+    """Preset, then --config FILE, then flags: an explicit flag wins. What a flag drops of
+    the file's settings is added to `notes` (for the train line)."""
     base_name = a.preset
     partial = {}
     if a.config:
@@ -195,14 +196,16 @@ def build_config(a) -> RunConfig:
                    dropout=getattr(a, "dropout", None))
     cfg = override(cfg, "data", name=_data_name(getattr(a, "data", None)), resize=a.resize)
     if hasattr(a, "epochs"):
-        # Momentum a config file names counts as given, as on the command line: Adam then
-        # refuses it rather than quietly dropping it.
-        named = partial.get("train", {}) if isinstance(partial, dict) else {}
-        given = {**{k: named[k] for k in ("momentum", "nesterov")
-                    if isinstance(named, dict) and k in named},
-                 **{k: getattr(a, k) for k in ("optimizer", "momentum", "nesterov")
-                    if getattr(a, k) is not None}}
-        cfg = override(cfg, "train", **inherited_momentum_off(given))
+        given = {k: getattr(a, k) for k in ("optimizer", "momentum", "nesterov")
+                 if getattr(a, k) is not None}
+        dropped = {k: v for k, v in inherited_momentum_off(given).items()
+                   if getattr(cfg.train, k) != v}
+        if dropped and notes is not None:  # said, not silent: a file may have named them
+            was = ", ".join(f"{k} {getattr(cfg.train, k)}" for k in dropped)
+            flag = f"--optimizer {a.optimizer}" if "momentum" in dropped else "--momentum 0"
+            notes.append(f"note: {flag} drops {was} of the "
+                         + (f"config file {a.config}" if a.config else f"preset {cfg.preset}"))
+        cfg = override(cfg, "train", **dropped)
         cfg = override(cfg, "train", epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        optimizer=a.optimizer, momentum=a.momentum, nesterov=a.nesterov,
                        weight_decay=a.weight_decay, schedule=a.schedule, warmup=a.warmup,
@@ -331,26 +334,30 @@ def _data_name(value: str | None) -> str | None:
     return str(path.resolve())
 
 
-def _fit_to_data(cfg: RunConfig, ds, resumed: bool = False) -> RunConfig:
-    """The model's input size and class count come from the data. (A resumed run's were
-    fitted to its data when it started; `_check_same_data` compares them.)"""
+def _fit_to_data(cfg: RunConfig, ds, resumed: bool = False,
+                 notes: list | None = None) -> RunConfig:
+    """The model's input size and class count come from the data; a config that said
+    otherwise (another run's config.json on other data, say) is adapted, and `notes` says
+    so. (A resumed run's were fitted to its data when it started; `_check_same_data`
+    compares them.)"""
     from lenet.models import feature_shapes
 
     _, rows, cols = ds.train.images.shape
     if rows != cols:
         raise ConfigError(f"{ds.location}: images are {rows}x{cols}; expected square images")
     size, classes = cfg.data.resize or rows, len(ds.classes)
-    # A config file that sets what the data decides, to something else, is refused: the
-    # network trained would not be the one the file (and `lenet summary`) describes.
-    default = ModelSpec()
+    if cfg.model.in_channels != 1:  # no IDX data set could feed it
+        raise ConfigError(f"model.in_channels {cfg.model.in_channels}: IDX images are "
+                          "grayscale (1 channel); leave it out")
+    default, asked = ModelSpec(), cfg.model.image_size
     for key, value, want, how in (
-            ("in_channels", cfg.model.in_channels, 1, "IDX images are grayscale"),
-            ("image_size", cfg.model.image_size, size,
-             f"the images are {size}x{size}" + ("" if cfg.data.resize else
-                                              f"; --resize {cfg.model.image_size} scales them")),
-            ("num_classes", cfg.model.num_classes, classes, f"{ds.name} has {classes} classes")):
-        if value != want and value != getattr(default, key) and not resumed:
-            raise ConfigError(f"model.{key} {value}: {how}; leave it out, the data decides it")
+            ("image_size", asked, size, f"{ds.name}'s images are {size}x{size}"
+             + ("" if cfg.data.resize else f"; --resize {asked} scales them")),
+            ("num_classes", cfg.model.num_classes, classes, f"{ds.name} has {classes}")):
+        # The default means "unset"; another value from a config is adapted, and said.
+        if (value != want and value != getattr(default, key) and not resumed
+                and notes is not None):
+            notes.append(f"note: model.{key} {value} of the config becomes {want} ({how})")
     model = replace(cfg.model, image_size=size, num_classes=classes)
     feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
     return replace(cfg, model=model, data=replace(cfg.data, classes=tuple(ds.classes)))
@@ -422,6 +429,7 @@ def _train(a, folders: list, painter=None) -> int:
     dist = distributed.from_env()  # launched by torchrun with 2+ processes
     main_rank = dist is None or dist.is_main
     state = None
+    notes: list[str] = []  # what was adapted or dropped, said after the preset line
     if a.resume:
         changed = [f for f, v in vars(a).items()
                    if v is not None and f not in _RESUME_MAY_SET]
@@ -447,7 +455,7 @@ def _train(a, folders: list, painter=None) -> int:
                               f"{state['epoch'] + 1}, so it needs at least "
                               f"{state['epoch'] + 1}")
     else:
-        cfg = build_config(a)
+        cfg = build_config(a, notes)
         folder = RunFolder(a.out) if a.out else RunFolder.new(a.runs_dir, cfg.preset)
         folders.append(folder)
         if main_rank:
@@ -461,7 +469,7 @@ def _train(a, folders: list, painter=None) -> int:
                   f"torchrun): waiting for the others at {where}", file=sys.stderr, flush=True)
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
-    cfg = _fit_to_data(cfg, ds, resumed=state is not None)
+    cfg = _fit_to_data(cfg, ds, resumed=state is not None, notes=notes)
     if state is not None:
         _check_same_data(state["config"], cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)
@@ -490,6 +498,8 @@ def _train(a, folders: list, painter=None) -> int:
                  f"{epochs}, seed {cfg.train.seed}; run folder {folder.path}"
                  + (" (replacing a run that stopped before its first checkpoint)"
                     if replaced else ""))
+    for note in notes:
+        progress.say(note)
     was = state["config"].train.epochs if state is not None else cfg.train.epochs
     if was != cfg.train.epochs and (cfg.train.schedule != "constant" or cfg.train.warmup):
         progress.say(f"note: the {cfg.train.schedule} schedule"

@@ -203,14 +203,6 @@ def cmd_export(a) -> int:
         raise ExportError(f"--out {out}: is a folder, expected a file name ending in .onnx")
     classes = class_names(cfg)
     size = cfg.model.image_size
-    try:  # the export is checked on real test images when they are at hand
-        ds = _load_data(cfg.data.name, download=False)
-        images = fit_size(ds.test.images[:CHECK_IMAGES], size)  # a --resize run's size
-        what = f"test images of {ds.name}"
-    except DataError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (CHECK_IMAGES, size, size), dtype=np.uint8)
-        what = f"random images ({cfg.data.name} is not available here)"
     # Written beside the target, checked, and only then renamed into place: a file that
     # disagrees with PyTorch is never left looking like a good export.
     tmp = out.with_name(f".{out.name}.unchecked")
@@ -219,6 +211,14 @@ def cmd_export(a) -> int:
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write ({e.strerror or e})") from None
     try:
+        try:  # the export is checked on real test images when they are at hand
+            ds = _load_data(cfg.data.name, download=False)
+            images = fit_size(ds.test.images[:CHECK_IMAGES], size)  # a --resize run's size
+            what = f"test images of {ds.name}"
+        except DataError:
+            rng = np.random.default_rng(0)
+            images = rng.integers(0, 256, (CHECK_IMAGES, size, size), dtype=np.uint8)
+            what = f"random images ({cfg.data.name} is not available here)"
         export_onnx(run.model, tmp, size, classes,
                     metadata={"run": run.folder.name, "checkpoint": run.checkpoint.name,
                               "epoch": run.epoch, "preset": cfg.preset})

@@ -176,7 +176,9 @@ def choose(split=None, classes: Sequence[str] = (), *, class_names: Sequence[str
         if not 0 <= i < n:
             raise ConfigError(f"--index {i}: expected 0 to {n - 1} (the test set's size)")
         probes.append(from_test(i, f"test #{i}"))
-    probes += [Probe(Path(p).name, load_image(p, size)) for p in images]
+    for p in images:  # an image with nothing in it is named so: it reads as the blank input
+        x = load_image(p, size)
+        probes.append(Probe(Path(p).name + ("" if x.any() else " (blank)"), x))
     probes += [Probe(f"{name} (sample)", load_image(sample_path(name), size)) for name in samples]
     rng = np.random.default_rng(seed)
     probes += [Probe(f"{kind} noise", noise(kind, rng, size)) for kind in noises]

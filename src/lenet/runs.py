@@ -51,8 +51,8 @@ class RunFolder:
             self.lock()
             self.check_new()  # another process may have created it meanwhile
             replaced = self.config.exists()
-            for leftover in (self.log, self.summary, self.curves):
-                leftover.unlink(missing_ok=True)
+            if replaced:  # the stopped run's own files (check_new: it wrote config.json)
+                self.log.unlink(missing_ok=True)
             self.write_text(self.config, cfg.to_json())
         except OSError as e:
             raise RunFolderError(f"{self.path}: cannot write the run folder "
@@ -98,7 +98,13 @@ class RunFolder:
         if self.config.exists() and not self.last.exists():
             # Stopped before its first checkpoint (Ctrl-C while the kernel built, a recipe
             # that diverged at once): nothing to resume or lose, so the same command, run
-            # again, trains here (create replaces its config.json and log.txt).
+            # again, trains here (create replaces its config.json and log.txt). Only a
+            # lenet run's: a config.json of something else is not ours to replace.
+            try:
+                RunConfig.from_json_file(self.config)
+            except (LenetError, OSError):
+                raise RunFolderError(f"{self.path}: holds a config.json that is not a lenet "
+                                     "run's; choose another --out") from None
             return
         if self.config.exists():
             raise RunFolderError(f"{self.path}: already holds a run; continue it with "

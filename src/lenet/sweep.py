@@ -61,6 +61,7 @@ OBJECTIVE = "test_acc"  # final-epoch test accuracy: what `lenet train --config 
 # and counts towards --n-trials; one without it lost its worker and is retried instead. On a
 # pruned trial it says why the recipe diverged.
 ERROR_ATTR = "error"
+STOPPED_ATTR = "stopped"  # a trial stopped by Ctrl-C (queued again, as a lost worker's)
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,12 @@ def space_file(given: str) -> Path:
     """GIVEN's path; a bare name that is no file here (`exercise2`) names a built-in space."""
     path = Path(given).expanduser()
     builtin = SPACES / f"{given}.toml"
-    if path.exists():
+    if path.is_file():
         return path
-    if given.isidentifier() and builtin.is_file():
+    if given.isidentifier() and builtin.is_file():  # e.g. beside a folder of that name
         return builtin
+    if path.exists():
+        return path  # a folder: load_space says so
     raise ConfigError(f"{given}: no such file (built-in spaces: "
                       f"{', '.join(builtin_spaces()) or 'none'})")
 
@@ -331,9 +334,10 @@ class Storage:
         without a password: what a sweep folder records of its study's storage."""
         if self.kind == "journal":
             return f"journal file {Path(self.url).resolve()}"
-        if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
-            return f"sqlite:///{Path(self.url[len('sqlite:///'):]).resolve()}"
-        return self.describe()
+        url = self.url.split("?", 1)[0]  # connection options (connect_timeout=...) aside
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            return f"sqlite:///{Path(url[len('sqlite:///'):]).resolve()}"
+        return _hide_password(url)
 
 
 DEFAULT_FILES = ("sweep.db", "sweep.journal")  # the default storages, one worker and several
@@ -362,6 +366,10 @@ def choose_storage(url: str | None, out: Path, workers: int) -> Storage:
         raise ConfigError("--storage '': expected a URL (sqlite:///FILE, "
                           "postgresql+psycopg://...) or a journal file's path")
     if "://" in url:
+        userinfo = url.split("://", 1)[1].rpartition("@")[0]
+        if "@" in userinfo:  # the driver would read part of the password as the host
+            raise ConfigError(f"--storage {_hide_password(url)}: its user or password holds "
+                              "'@', which a URL spells %40")
         return Storage("rdb", url)
     return Storage("journal", str(Path(url).expanduser()))
 
@@ -606,7 +614,11 @@ def work(study, n_trials: int, objective, *, by_pid: bool, on_trial=None, say=No
 
     def tracked(trial):
         started.append(trial._trial_id)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr(STOPPED_ATTR, "stopped by Ctrl-C")  # its note in the table
+            raise
 
     while True:
         for number in reap_dead_workers(study, by_pid):
@@ -672,7 +684,7 @@ def trial_rows_of(trials) -> list[dict]:
         if not note and "failed_trial" in t.system_attrs:
             note = f"retry of #{t.system_attrs['failed_trial']}"
         if not note and t.state.name == "FAIL":
-            note = "worker lost; retried"
+            note = f"{t.user_attrs.get(STOPPED_ATTR, 'worker lost')}; retried"
         if t.state.name == "PRUNED" and not note:  # a note here: why it diverged
             last = max(t.intermediate_values) if t.intermediate_values else 0
             note = f"pruned after epoch {last}"

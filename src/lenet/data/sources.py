@@ -226,7 +226,7 @@ def fetch(
     """
     say = report or _quiet
     dest = Path(dest).expanduser() if dest is not None else cache_root() / info.name
-    made = not dest.exists()
+    made = [p for p in (dest, *dest.parents) if not p.exists()]  # deepest first
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -256,8 +256,10 @@ def fetch(
             if len(failures) < len(bases):  # the next mirror is tried; the last goes below
                 say(f"{url}: {problem}")
         else:
-            if made and not any(dest.iterdir()):  # no empty folder left behind
-                dest.rmdir()
+            for folder in made:  # no empty folder left behind (the cache's own included)
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
             tried = "; ".join(failures) or "no mirror to try (give mirrors or set $LENET_MIRROR)"
             raise DownloadError(f"{name}: download failed: {tried}; offline? give the files "
                                 "with --data DIR, or point $LENET_MIRROR at a mirror or folder")
