@@ -161,7 +161,9 @@ def test_activations_default_writes_the_figure_and_prints_the_table(run, capsys,
 
 
 def test_activations_selectors(run, tmp_path, capsys, isolated_env):
-    Image.new("L", (50, 60), 255).save(tmp_path / "white.png")
+    white = Image.new("L", (50, 60), 255)
+    ImageDraw.Draw(white).rectangle((15, 10, 35, 50), fill=30)  # a dark object on white
+    white.save(tmp_path / "white.png")
     out_png = tmp_path / "act.png"
     args = ["activations", str(run), "--classes", "Bag,sandal", "--per-class", "1",
             "--index", "17", "--image", str(tmp_path / "white.png"), "--noise", "uniform",
