@@ -177,9 +177,9 @@ def bench_ours(epochs: int | None, data: str, preset: str, extra=(), env=None) -
     epochs."""
     more = ["--epochs", str(epochs)] if epochs else []
     with tempfile.TemporaryDirectory() as tmp:
-        r, wall, memory = run([sys.executable, "-m", "lenet", "train", "--preset", preset, *more,
-                            *extra, "--data", data, "--out", f"{tmp}/run", "--no-progress"],
-                           env=env)
+        r, wall, memory = run([sys.executable, "-m", "lenet", "train", "--preset", preset,
+                               *more, *extra, "--data", data, "--out", f"{tmp}/run",
+                               "--no-progress"], env=env)
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
     name = f"lenet train --preset {preset}" + ("" if epochs else f" ({len(rows)} ep)")
     return {"name": name, "book_recipe": preset == "book",

@@ -334,12 +334,11 @@ def _data_name(value: str | None) -> str | None:
     return str(path.resolve())
 
 
-def _fit_to_data(cfg: RunConfig, ds, resumed: bool = False,
-                 notes: list | None = None) -> RunConfig:
+def _fit_to_data(cfg: RunConfig, ds, notes: list | None = None) -> RunConfig:
     """The model's input size and class count come from the data; a config that said
     otherwise (another run's config.json on other data, say) is adapted, and `notes` says
-    so. (A resumed run's were fitted to its data when it started; `_check_same_data`
-    compares them.)"""
+    so. (A resumed run's were fitted to its data when it started: no notes;
+    `_check_same_data` compares them.)"""
     from lenet.models import feature_shapes
 
     _, rows, cols = ds.train.images.shape
@@ -355,8 +354,7 @@ def _fit_to_data(cfg: RunConfig, ds, resumed: bool = False,
              + ("" if cfg.data.resize else f"; --resize {asked} scales them")),
             ("num_classes", cfg.model.num_classes, classes, f"{ds.name} has {classes}")):
         # The default means "unset"; another value from a config is adapted, and said.
-        if (value != want and value != getattr(default, key) and not resumed
-                and notes is not None):
+        if value != want and value != getattr(default, key) and notes is not None:
             notes.append(f"note: model.{key} {value} of the config becomes {want} ({how})")
     model = replace(cfg.model, image_size=size, num_classes=classes)
     feature_shapes(model)  # a spec that does not fit this data fails now, naming the layer
@@ -469,7 +467,7 @@ def _train(a, folders: list, painter=None) -> int:
                   f"torchrun): waiting for the others at {where}", file=sys.stderr, flush=True)
         dist, device = distributed.init(dist, device)
     ds = _load_data(cfg.data.name, quiet=not main_rank)
-    cfg = _fit_to_data(cfg, ds, resumed=state is not None, notes=notes)
+    cfg = _fit_to_data(cfg, ds, notes=notes if state is None else None)
     if state is not None:
         _check_same_data(state["config"], cfg, ds)
     model = init_model(cfg.model, cfg.train.seed)
@@ -645,7 +643,6 @@ def cmd_evaluate(a) -> int:
     print_report(p, ds, run.folder,
                  suffix="" if given in (None, cfg.data.name) else f"-{ds.name}")
     return 0
-
 
 
 def cmd_summary(a) -> int:

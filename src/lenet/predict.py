@@ -114,9 +114,6 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise ImageError(path, "is not a regular file, expected an image file")
         if path.stat().st_size == 0:
             raise ImageError(path, "is empty (0 bytes), expected an image file")
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
-    try:
         # Read through a file object, never by name: given a name Pillow memory-maps an
         # uncompressed TIFF, and Pillow 13 then maps one turned by its orientation tag
         # (5-8) at the turned size and reads garbage.

@@ -230,10 +230,11 @@ def create_app(models: list[Served], test=None, test_note: str = ""):
         when given, else while it streams in (chunked uploads declare no length)."""
         declared = request.headers.get("content-length")
         if declared is not None:
-            if whole(declared) < 0:
+            length = whole(declared)
+            if length < 0:
                 raise Rejected(400, f"Content-Length '{declared}': expected a number")
-            if int(declared) > MAX_BODY:
-                raise Rejected(413, too_big(int(declared)))
+            if length > MAX_BODY:
+                raise Rejected(413, too_big(length))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

@@ -106,12 +106,12 @@ def check_batch_norm_batches(model: torch.nn.Module, batch_size: int, examples: 
     under torchrun each process takes its share of every batch)."""
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    last = examples % batch_size or min(batch_size, examples)
-    smallest = min(min(batch_size, examples), last) // world
+    last = examples % batch_size or min(batch_size, examples)  # no batch is smaller
+    smallest = last // world
     if smallest >= 2:
         return
-    which = f"the last batch of an epoch holds {last}" if last < batch_size else \
-        f"a batch holds {min(batch_size, examples)}"
+    which = (f"the last batch of an epoch holds {last}" if last < batch_size else
+             f"a batch holds {last}")
     share = f", {smallest} for some of the {world} processes" if world > 1 else ""
     raise ConfigError(f"--batch-size {batch_size}: {which} of the {examples:,} training "
                       f"images{share}; batch norm needs at least 2 per process; choose "
