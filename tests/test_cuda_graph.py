@@ -198,3 +198,112 @@ def test_cuda_numerics_are_fp32_and_deterministic_and_put_back():
 def test_the_cuda_trainer_is_reproducible_run_to_run():
     spec = replace(BOOK.train, epochs=2, batch_size=64)
     assert_same_run(fit("graph", spec, BOOK.model, "cuda"), fit("graph", spec, BOOK.model, "cuda"))
+
+
+def test_gathering_and_sgd_in_the_graph_follow_torch_optim_exactly():
+    """With `gather` and `sgd_lr`, the step takes indices into the resident split, and the
+    update is torch.optim.SGD's (weight decay too): the same losses, running sums and bits
+    as the step with torch.optim after it, the partial last batch included."""
+    x, y = images(64 * 3 + 20)
+    spec = replace(BOOK.train, weight_decay=5e-4)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    a, b = two_models(BOOK.model)
+    opt = torch.optim.SGD(a.parameters(), lr=0.9, weight_decay=spec.weight_decay)
+    plain = GraphStep(a, a, to_float, recorder=Rerun)
+    split = Batches(x[:, 0], y, 64)
+    inside = GraphStep(b, b, to_float, recorder=Rerun, gather=split.gather, sgd_lr=0.9,
+                       sgd_weight_decay=spec.weight_decay)
+    for start in range(0, len(y), 64):
+        idx = order[start:start + 64]
+        expected = plain.step(x[idx], y[idx])
+        opt.step()
+        got = inside.step(idx)
+        assert [t.item() for t in got] == [t.item() for t in expected]
+    assert inside.replays == 3
+    assert [t.item() for t in inside.sums] == [t.item() for t in plain.sums]
+    assert all(p.grad is None for p in b.parameters())  # no optimizer reads them
+    for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_warm_up_leaves_the_weights_and_sums_as_they_were():
+    """The recording's warm-up runs are real steps: with the update in the graph they move
+    the weights and add to the sums, which must be put back (the first step is the first
+    replay)."""
+    model = models.init_model(BOOK.model, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = GraphStep(model, model, to_float, sgd_lr=0.9,
+                     recorder=type("Still", (Rerun,), {"replay": lambda self: None}))
+    step.step(*images(64))  # records, then "replays" nothing
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert [t.item() for t in step.sums] == [0, 0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_trainer_records_the_book_update_and_gather_in_the_graph(monkeypatch, device):
+    """The book's recipe on the graph engine: gathered and updated in the graph, with the
+    same run, bit for bit, as with torch.optim's step after the graph's."""
+    from lenet import train
+
+    spec = replace(BOOK.train, epochs=2, batch_size=64)
+    inside = fit("graph", spec, BOOK.model, device)
+    assert inside.graph.sgd_lr == spec.lr and inside.graph.gather is not None
+    assert inside.graph.replays == 2 * 5  # 320 images: 5 batches of 64, 2 epochs
+    monkeypatch.setattr(train, "sgd_at_constant_rate", lambda spec: False)
+    outside = fit("graph", spec, BOOK.model, device)
+    assert outside.graph.sgd_lr is None
+    assert_same_run(inside, outside)
+    assert [m.train_acc for m in inside.history] == [m.train_acc for m in outside.history]
+    eager = fit("autograd", spec, BOOK.model, device)
+    for g, e in zip(inside.history, eager.history, strict=True):
+        assert (g.train_loss, g.train_acc, g.test_loss) == pytest.approx(
+            (e.train_loss, e.train_acc, e.test_loss), rel=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_interrupt_and_resume_with_the_update_in_the_graph_is_bit_identical(device):
+    spec = replace(BOOK.train, epochs=2, batch_size=64)
+    full, resumed, _ = interrupt_and_resume(spec, BOOK.model, "graph", make_data(device),
+                                            device=device)
+    assert full.graph.sgd_lr is not None
+    assert_same_run(resumed, full)
+
+
+@pytest.mark.parametrize("change, inside", [
+    ({}, True), ({"weight_decay": 5e-4}, True), ({"momentum": 0.9}, False),
+    ({"schedule": "cosine"}, False), ({"warmup": 0.1}, False), ({"optimizer": "adam"}, False)])
+def test_which_recipes_update_in_the_graph(change, inside):
+    from lenet.train import sgd_at_constant_rate
+
+    assert sgd_at_constant_rate(replace(BOOK.train, **change)) is inside
+
+
+def test_batches_as_indices_give_the_same_batches():
+    x, y = images(150)
+    plain = Batches(x[:, 0], y, 64, generator=torch.Generator().manual_seed(4))
+    plain.as_bytes = True
+    lazy = Batches(x[:, 0], y, 64, generator=torch.Generator().manual_seed(4))
+    lazy.as_indices = True
+    for skip in (0, 1):
+        got = [(lazy.gather(idx), none) for idx, none in lazy.epoch(skip)]
+        want = list(plain.epoch(skip))
+        assert len(got) == len(want) == 3 - skip
+        for ((gx, gy), none), (wx, wy) in zip(got, want, strict=True):
+            assert none is None and torch.equal(gx, wx) and torch.equal(gy, wy)
+    lazy.augment = "flip"
+    with pytest.raises(ValueError, match="without augmentation"):
+        next(lazy.epoch())
+
+
+def test_batches_serve_one_engine_after_another():
+    """The graph engine leaves its Batches yielding indices; a later fit on another engine
+    with the same Batches gets images again."""
+    spec = replace(BOOK.train, epochs=1, batch_size=64)
+    train, test = make_data()()
+    Trainer(spec, torch.device("cpu"), engine="graph").fit(models.init_model(BOOK.model, 0),
+                                                          train, test)
+    assert train.as_indices
+    after = Trainer(spec, torch.device("cpu"), engine="autograd")
+    after.fit(models.init_model(BOOK.model, 0), train, test)
+    assert not train.as_indices and not train.as_bytes
+    assert after.history[0].train_loss > 0

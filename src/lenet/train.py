@@ -150,6 +150,13 @@ def channels_last_pays(model: torch.nn.Module) -> bool:
                    for m in model.modules())
 
 
+def sgd_at_constant_rate(spec: TrainSpec) -> bool:
+    """Plain SGD (no momentum) at one learning rate all run long: the book's recipe, whose
+    update the CUDA graph step can record too (lenet.cuda_graph.GraphStep's sgd_lr)."""
+    return (spec.optimizer == "sgd" and spec.momentum == 0 and spec.schedule == "constant"
+            and spec.warmup == 0)
+
+
 def lr_at(spec: TrainSpec, step: int, total: int) -> float:
     """The learning rate for global step `step` (0-based) of `total`: a linear warm-up over
     the first `warmup` fraction, then constant, cosine or linear decay to 0. A pure function
@@ -216,6 +223,9 @@ class Trainer:
         check_batch_norm_batches(model, train.batch_size, train.num_examples,
                                  self.dist.world if self.dist is not None else 1)
         self.model = model.to(self.device)
+        # What the batches yield is this engine's to say (the same Batches may have served
+        # another engine's fit before).
+        train.as_bytes = train.as_indices = False
         if self.engine == "fused":
             from lenet.fused import FusedStep
 
@@ -240,10 +250,16 @@ class Trainer:
 
             self.step_model = BookForward(model)
         if self.engine in ("graph", "triton"):
-            # The graph converts the uint8 batch itself: two launches fewer per step.
+            # The graph converts the uint8 batch itself (two launches fewer per step), and
+            # where it can, gathers it from the resident split and updates the weights too
+            # (lenet.cuda_graph: the host's work per step is what limits a short step).
             train.as_bytes = True
-            self.graph = cuda_graph.GraphStep(model, self.step_model, train.prepare,
-                                              self.spec.label_smoothing)
+            train.as_indices = train.augment == "none"
+            self.graph = cuda_graph.GraphStep(
+                model, self.step_model, train.prepare, self.spec.label_smoothing,
+                gather=train.gather if train.as_indices else None,
+                sgd_lr=self.spec.lr if sgd_at_constant_rate(self.spec) else None,
+                sgd_weight_decay=self.spec.weight_decay)
         if self.dist is not None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -273,39 +289,41 @@ class Trainer:
         spent = resume["seconds"] if resume else 0.0
         t0 = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.graph is not None:  # summed in the graph
+            loss_sum, correct = self.graph.reset_sums()
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
         if resume is not None and (self.dist is None or self.dist.is_main):  # counted once
             loss_sum += resume["loss_sum"].to(self.device)
             correct += resume["correct"].to(self.device)
         world = self.dist.world if self.dist is not None else 1
         steps = len(train)
         for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
-            lr = lr_at(self.spec, (epoch - 1) * steps + step - 1, self.spec.epochs * steps)
-            if self.fused is not None:  # forward, loss, backward and update in one call
-                loss, right = self.fused.step(x, y, lr)
-                loss_total = loss * y.shape[0]
+            if self.graph is not None:  # it sums the loss and the right answers itself
+                if self.graph.sgd_lr is None:  # else the graph updates the weights itself
+                    self._set_lr(epoch, step, steps)
+                self.graph.step(x, y)  # (with y None, x is the batch's indices)
+                if self.graph.sgd_lr is None:  # on the gradients left in each .grad
+                    self.optimizer.step()
+            elif self.fused is not None:  # forward, loss, backward and update in one call
+                loss, right = self.fused.step(x, y, self._lr(epoch, step, steps))
+                loss_sum += loss * y.shape[0]
+                correct += right
             else:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if self.graph is not None:  # the gradients land in each parameter's .grad
-                    loss_total, right = self.graph.step(x, y)
-                else:
-                    logits = self.step_model(x)
-                    total = F.cross_entropy(logits, y, reduction="sum",
-                                            label_smoothing=self.spec.label_smoothing)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    # Over the whole batch's size (all ranks' examples), times the world
-                    # size that DDP's gradient average divides by: exactly the gradient of
-                    # the batch's mean loss, whatever the ranks' shares (the last batch's
-                    # may differ).
-                    (total * (world / train.batch_len(step))).backward()
-                    right = (logits.argmax(1) == y).sum()
-                    loss_total = total.detach()
+                self._set_lr(epoch, step, steps)
+                logits = self.step_model(x)
+                total = F.cross_entropy(logits, y, reduction="sum",
+                                        label_smoothing=self.spec.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                # Over the whole batch's size (all ranks' examples), times the world size
+                # that DDP's gradient average divides by: exactly the gradient of the batch's
+                # mean loss, whatever the ranks' shares (the last batch's may differ).
+                (total * (world / train.batch_len(step))).backward()
                 self.optimizer.step()
-            # Metrics stay on the device; host syncs are only the guard's and the epoch's.
-            loss_sum += loss_total
-            correct += right
+                # Metrics stay on the device; host syncs are only the guard's and the epoch's.
+                loss_sum += total.detach()
+                correct += (logits.argmax(1) == y).sum()
             if self.guard_every and step % self.guard_every == 0:
                 seen = min(step * train.batch_size, train.num_examples)  # in loss_sum
                 total_now = loss_sum.item()  # sync
@@ -334,6 +352,13 @@ class Trainer:
                                        as_bytes=self.fused is not None and test.resize is None)
         return EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc,
                             spent + time.perf_counter() - t0, train.num_examples / loop_s)
+
+    def _lr(self, epoch: int, step: int, steps: int) -> float:
+        return lr_at(self.spec, (epoch - 1) * steps + step - 1, self.spec.epochs * steps)
+
+    def _set_lr(self, epoch: int, step: int, steps: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(epoch, step, steps)
 
     def _diverged(self, epoch: int, step: int, loss: float) -> None:
         where = f"step {step}" if self.guard_every == 1 else f"by step {step}"

@@ -42,6 +42,10 @@ class Batches:
         # Yield the uint8 pixels as they are, for a consumer that scales them itself (the
         # fused kernel: a quarter of the memory traffic, and no conversion pass per step).
         self.as_bytes = False
+        # Yield (indices, None) and leave the gathering to the consumer (`gather`): the CUDA
+        # graph step gathers inside its graph (lenet.cuda_graph.GraphStep). Whole passes
+        # only: no augmentation, no shard.
+        self.as_indices = False
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -63,6 +67,14 @@ class Batches:
             order = order.to(self.images.device)
             if self.augment != "none":  # the whole pass's draws, so `skip` replays exactly
                 draws = augment_draws(n, self.generator).to(self.images.device)
+        if self.as_indices:
+            if draws is not None or self.shard is not None:
+                raise ValueError("Batches.as_indices: whole passes without augmentation only")
+            if order is None:
+                order = torch.arange(n, device=self.images.device)
+            for start in range(skip * bs, n, bs):
+                yield order[start:start + bs], None
+            return
         for start in range(skip * bs, n, bs):  # the last, partial batch is kept
             if order is None:
                 x, y = self.images[start:start + bs], self.labels[start:start + bs]
@@ -78,8 +90,7 @@ class Batches:
                     idx = idx.tensor_split(world)[rank]
                     if drawn is not None:
                         drawn = drawn.tensor_split(world, dim=1)[rank]
-                # index_select copies whole rows: ~8x faster than images[idx] for bytes.
-                x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+                x, y = self.gather(idx)
                 if drawn is not None:
                     x = augment(x, self.augment, drawn)
             yield (x if self.as_bytes else self.prepare(x)), y
@@ -88,6 +99,11 @@ class Batches:
         """Examples in the whole (all ranks') batch number `step` (1-based): the last one
         of a pass holds the remainder."""
         return min(self.batch_size, self.num_examples - (step - 1) * self.batch_size)
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the labels at `idx` (what `as_indices` leaves to do)."""
+        # index_select copies whole rows: ~8x faster than images[idx] for bytes.
+        return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> the network's float input (resized when asked)."""
