@@ -9,9 +9,10 @@ each image is one Triton program that keeps its image's work together (SPREAD "i
 - backward: one kernel computes every per-image gradient: the dense layers' deltas, and the
   convolutions' weight and bias gradients;
 - then four small launches sum the per-image gradients over the batch, in image order.
-So the step is six kernels plus the loss's few, and it is deterministic. SPREAD "split"
-computes the same with each image's convolutions also spread over channels, the sums in
-one launch, and the loss in the forward's kernels (see SPREADS).
+So the step is six kernels plus the loss's few, and it is deterministic. SPREAD "split" (the
+default: 1.6x faster on an H100) computes the same with each image's convolutions also
+spread over channels, the sums in one launch, and the loss in the forward's kernels (see
+SPREADS).
 
 Activations are kept in padded per-image scratch buffers. The convolutions are computed
 in "pooled layout": [channel, cell of the 2x2 window, pooled position]. Pooling is then a
@@ -443,7 +444,8 @@ SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to
 # How a step's work is spread over the GPU's programs (a batch of 128 is only 128 programs
 # for the 132 multiprocessors of an H100 or H200: one each, 8 warps of the 64 it can hold):
 #   "image"  one program per image: `_forward`, then `_backward`. Measured on an H200: the
-#            backward 100 µs and the forward 25 µs of a 176 µs step.
+#            backward 100 µs and the forward 25 µs of a 176 µs step; on an H100, 101 and
+#            26 of 178.
 #   "split"  the convolutions also over channels: forward `_forward_conv1` (3 programs per
 #            image), `_forward_conv2` (4), `_forward_dense` (1); backward `_backward_dense`
 #            (1), `_backward_conv` (6); then every sum over the batch as one launch,
@@ -451,12 +453,13 @@ SPLIT_WARPS = 4  # per image and a few channels: 128 threads over tiles of up to
 #            programs, each with less serial work. `_backward_conv` sums within threads
 #            (matrix products) where `_backward` sums across them
 #            (benchmarks/triton_resources.py compares their code without a GPU). Checked
-#            against float64 like "image"; not yet timed on a GPU
-#            (`python benchmarks/gpu_speed.py --only steps-book,profile,profile-split`).
+#            against float64 like "image". The default: on an H100 its graph replays in
+#            110 µs where "image" takes 178 (`python benchmarks/gpu_speed.py --only
+#            steps-book,profile,profile-split`): backward 45 + 14, forward 11 + 7 + 6.
 #            In a training step (lenet.cuda_graph.GraphStep) its forward also computes the
 #            loss and dL/dlogits (`BookForward.fused_loss`), saving PyTorch's loss kernels.
 SPREADS = ("image", "split")
-SPREAD = "image"
+SPREAD = "split"
 
 
 def chosen_spread(spread: str | None = None) -> str:
