@@ -7,13 +7,14 @@
 #
 # 1. The GPU tests: the Triton kernels and the CUDA graph, each spread of the kernels
 #    against float64, the same bits run to run, training, Ctrl-C and --resume.
-# 2. Per step of 128 on the book recipe: Triton kernels spread "image" (the default) and
-#    "split", and cuDNN (benchmarks/gpu_speed.py --only steps-book), then each spread's
+# 2. Per step of 128 on the book recipe: Triton kernels spread "image" and "split" (the
+#    default), and cuDNN (benchmarks/gpu_speed.py --only steps-book), then each spread's
 #    kernels by GPU time (profile, profile-split).
 # 3. With DATA_DIR (a folder of Fashion-MNIST's IDX files, carried along: copy them into an
 #    ignored folder of the checkout, say .gpudata, and name it in the run's carry), whole
-#    `lenet train --preset book --device cuda` processes: the default, spread "split"
-#    (LENET_TRITON_SPREAD=split) and eager (--only runs-book).
+#    `lenet train --preset book --device cuda` processes: the default, spread "image"
+#    (LENET_TRITON_SPREAD=image) and eager (--only runs-book); then the training loop's
+#    host time per step (benchmarks/gpu_loop_profile.py).
 # Logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_session.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,4 +29,5 @@ python3 benchmarks/gpu_speed.py --only steps-book,profile,profile-split --steps 
     2>&1 | tee "$out/speed.log"
 if [ $# -ge 1 ]; then
     python3 benchmarks/gpu_speed.py --only runs-book --data "$1" 2>&1 | tee "$out/runs.log"
+    python3 benchmarks/gpu_loop_profile.py "$1" 2>&1 | tee "$out/loop.log"
 fi

@@ -7,11 +7,14 @@ spread over the GPU each of its two ways, lenet.triton_book.SPREADS) and on cuDN
 PyTorch's cuDNN defaults), and the fast and best recipes on cuDNN, on synthetic uint8
 batches already on the GPU:
   eager     the trainer's autograd engine (LENET_FUSED=0): forward, backward, optimizer
-  graph     the "graph" engine: batch copied in, graph replayed, optimizer (torch.optim)
+  graph     the graph step: batch copied in, graph replayed, optimizer (torch.optim)
+  inside    as the trainer runs it: only the batch's indices copied in, the graph gathering
+            the batch from a resident split of 60,000 and, for plain SGD at a constant rate
+            (book), updating the weights too; else torch.optim after it
   replay    the graph replayed back to back with nothing else: the GPU's own time per step
 runs: whole `lenet train --preset P --device cuda` processes (imports, data, evaluation,
-plots and checkpoints included) for book (graph, the Triton kernels spread "split" with
-LENET_TRITON_SPREAD=split, and eager with LENET_FUSED=0), fast, best.
+plots and checkpoints included) for book (graph, the Triton kernels spread "image" with
+LENET_TRITON_SPREAD=image, and eager with LENET_FUSED=0), fast, best.
 profile: the book step's CUDA kernels by GPU time (torch.profiler), on the Triton kernels
 (profile-split: spread "split"; profile-cudnn: on cuDNN).
 compile: the book step with cuDNN in channels_last, and with torch.compile'd forward and
@@ -37,7 +40,7 @@ from lenet import models  # noqa: E402
 from lenet.config import PRESETS  # noqa: E402
 from lenet.cuda_graph import GraphStep, numerics  # noqa: E402
 from lenet.data.batches import to_float  # noqa: E402
-from lenet.train import make_optimizer  # noqa: E402
+from lenet.train import make_optimizer, sgd_at_constant_rate  # noqa: E402
 
 BATCH = 128
 
@@ -57,9 +60,10 @@ def per_step_us(step, steps: int) -> float:
 
 
 def variants(preset: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool = False,
-             compile_model: bool = False, kernels: str | None = None) -> dict:
+             compile_model: bool = False, kernels: str | None = None,
+             split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """kernels: None for cuDNN, else the Triton kernels spread that way ("image",
-    "split")."""
+    "split"). split: (images, labels) resident on the GPU, for the "inside" variant."""
     cfg = PRESETS[preset]
     smooth = cfg.train.label_smoothing
 
@@ -98,7 +102,32 @@ def variants(preset: str, x: torch.Tensor, y: torch.Tensor, channels_last: bool 
             g.graph.replay()
         return step if optimizer else replay
 
-    return {"eager": eager(), "graph": graph(), "replay": graph(optimizer=False)}
+    def inside():
+        model, forward, opt = model_and_optimizer()
+        images, labels = split
+        lr = cfg.train.lr if sgd_at_constant_rate(cfg.train) else None
+        g = GraphStep(model, forward, to_float, smooth,
+                      gather=lambda i: (images.index_select(0, i), labels.index_select(0, i)),
+                      sgd_lr=lr, sgd_weight_decay=cfg.train.weight_decay)
+        order = torch.randperm(len(labels), device=labels.device)
+        starts = range(0, len(labels) - BATCH + 1, BATCH)
+        at = iter(())
+
+        def step():
+            nonlocal at
+            start = next(at, None)
+            if start is None:
+                at = iter(starts)
+                start = next(at)
+            g.step(order[start:start + BATCH])
+            if lr is None:
+                opt.step()
+        return step
+
+    out = {"eager": eager(), "graph": graph(), "replay": graph(optimizer=False)}
+    if split is not None:
+        out["inside"] = inside()
+    return out
 
 
 def pytorch_defaults():
@@ -111,6 +140,9 @@ def bench_steps(steps: int, rows: list[str]) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (BATCH, 1, 28, 28), generator=gen, dtype=torch.uint8).cuda()
     y = torch.randint(0, 10, (BATCH,), generator=gen).cuda()
+    split = (torch.randint(0, 256, (60000, 1, 28, 28), generator=gen, dtype=torch.uint8).cuda(),
+             torch.randint(0, 10, (60000,), generator=gen).cuda())
+
     def trainer():
         return numerics(torch.device("cuda"))
     table = {  # label: (preset, cuDNN settings, channels_last, torch.compile, Triton spread)
@@ -127,18 +159,37 @@ def bench_steps(steps: int, rows: list[str]) -> None:
     }
     print(f"\nper step of {BATCH} (best of 3 x {steps} steps); cuDNN fp32 deterministic as "
           "the trainer runs it unless the row says otherwise")
-    print("| recipe | eager µs (ex/s) | graph µs (ex/s) | replay alone µs (ex/s) | graph/eager |")
-    print("|---|---|---|---|---|")
+    print("| recipe | eager µs (ex/s) | graph µs (ex/s) | inside µs (ex/s) "
+          "| replay alone µs (ex/s) | graph/eager |")
+    print("|---|---|---|---|---|---|")
     for label in rows:
         preset, settings, channels_last, compile_model, kernels = table[label]
         t0 = time.perf_counter()
         with settings():
-            fns = variants(preset, x, y, channels_last, compile_model, kernels)
+            fns = variants(preset, x, y, channels_last, compile_model, kernels, split)
             us = {name: per_step_us(fn, steps) for name, fn in fns.items()}
-        cells = [f"{us[k]:.0f} ({BATCH / us[k] * 1e6:,.0f})" for k in ("eager", "graph", "replay")]
+        cells = [f"{us[k]:.0f} ({BATCH / us[k] * 1e6:,.0f})"
+                 for k in ("eager", "graph", "inside", "replay")]
         print(f"| {label} | " + " | ".join(cells) + f" | {us['eager'] / us['graph']:.2f}x |"
               + (f" ({time.perf_counter() - t0:.0f} s with compiling)" if compile_model else ""),
               flush=True)
+
+
+def bench_split_warps(steps: int, warps: list[int]) -> None:
+    """The split row with each number of warps per program for its convolutions' kernels
+    (the dense layers' kernels keep PROGRAM_WARPS)."""
+    from lenet import triton_book
+
+    default = triton_book.SPLIT_WARPS
+    for w in warps:
+        triton_book.SPLIT_WARPS = w
+        try:
+            print(f"SPLIT_WARPS = {w}" + (" (the default)" if w == default else ""))
+            bench_steps(steps, ["book, Triton kernels, split"])
+        except Exception as e:  # a number of warps Triton cannot build for: the next one
+            print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        finally:
+            triton_book.SPLIT_WARPS = default
 
 
 def profile(out: str | None, kernels: str | None) -> None:
@@ -175,7 +226,7 @@ def bench_runs(data: str, book_only: bool = False) -> None:
     print("| run | steady examples/s | s/epoch | whole process s | test acc |")
     print("|---|---|---|---|---|")
     runs = [("book", {}, "the engine it picks"),
-            ("book", {"LENET_TRITON_SPREAD": "split"}, "Triton kernels spread \"split\""),
+            ("book", {"LENET_TRITON_SPREAD": "image"}, "Triton kernels spread \"image\""),
             ("book", {"LENET_FUSED": "0"}, "LENET_FUSED=0: eager"),
             ("fast", {}, "the engine it picks"), ("best", {}, "the engine it picks")]
     for preset, env, label in runs[:3] if book_only else runs:
@@ -194,6 +245,9 @@ def main() -> None:
                    help="steps (steps-book: its three book rows),runs (runs-book: book only),"
                         "profile (Triton kernels),profile-split,profile-cudnn,compile")
     p.add_argument("--profile-out", help="write the whole profile table here")
+    p.add_argument("--split-warps", default="",
+                   help="comma list of warps per program for the split kernels "
+                        "(lenet.triton_book.SPLIT_WARPS): the split row again with each")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_speed.py: no CUDA device here")
@@ -213,6 +267,8 @@ def main() -> None:
             profile(a.profile_out, kernels)
     if "runs" in only or "runs-book" in only:
         bench_runs(a.data, book_only="runs-book" in only)
+    if a.split_warps:
+        bench_split_warps(a.steps, [int(w) for w in a.split_warps.split(",")])
     if "compile" in only:
         bench_steps(a.steps, ["book, cuDNN, channels_last",
                               "book, cuDNN, torch.compile (cold compile not counted)"])
