@@ -552,3 +552,28 @@ def test_world_size_set_by_hand_without_master_addr_is_one_line(tmp_path, capsys
         "lenet: error: WORLD_SIZE=2 and RANK=0 are set but MASTER_ADDR is not: launch with "
         "torchrun (see the README), or unset WORLD_SIZE and RANK\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_stops_at_once_with_its_own_exit_status(monkeypatch, capsys, signame):
+    """The first Ctrl-C or SIGTERM asks for a gentle stop; a second stops at once, and the
+    exit status is still 128 + that signal (143 for SIGTERM, as a scheduler expects)."""
+    import signal
+    import types
+
+    sig = getattr(signal, signame)
+    trainer, stopped = types.SimpleNamespace(stop_requested=False), []
+    try:
+        cli._stop_gently(trainer, stopped)
+        handler = signal.getsignal(sig)
+        handler(sig, None)
+        assert trainer.stop_requested and stopped == [sig]
+
+        def training(args):
+            handler(sig, None)  # the second, during training
+        monkeypatch.setattr(cli, "cmd_train", training)
+        assert cli.main(["train", "--no-progress"]) == 128 + sig
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert capsys.readouterr().err == "lenet: interrupted\n"

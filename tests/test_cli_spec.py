@@ -65,12 +65,19 @@ def test_config_file_and_flags_override_it(data, tmp_path, isolated_env, suffix,
     assert cfg["train"]["lr"] == 0.02  # the flag beats the file
 
 
-def test_run_config_json_reproduces_the_run(data, tmp_path, isolated_env):
+def test_run_config_json_reproduces_the_run(data, tmp_path, isolated_env, capsys):
     assert _train(data, tmp_path / "a", "--activation", "relu", "--lr", "0.05") == 0
-    assert cli.main(["train", "--config", str(tmp_path / "a" / "config.json"),
-                     "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert f"data data from {data} (--data): " in capsys.readouterr().out
+    config = tmp_path / "a" / "config.json"
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "b"),
+                     "--no-progress"]) == 0
+    # the folder came from the file: the train line says so, not "--data"
+    assert f"data data from {data} (--config {config}): " in capsys.readouterr().out
     a, b = ((tmp_path / x / "metrics.csv").read_text().splitlines() for x in "ab")
     assert [r.split(",")[:5] for r in a] == [r.split(",")[:5] for r in b]
+    assert cli.main(["train", "--resume", str(tmp_path / "b"), "--epochs", "2",
+                     "--no-progress"]) == 0
+    assert f"data data from {data} (the run's config.json): " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

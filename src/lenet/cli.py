@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             with output_outlives_reader():
                 return handler(args)
         return handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         again = ("; run the same command again to go on (the trial in flight is run again)"
                  if args.verb == "sweep" else "")
         print(f"lenet: interrupted{again}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except BrokenPipeError:  # `lenet evaluate ... | head`: the reader left; nothing to report
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit flush quiet
         return 0
@@ -488,7 +488,10 @@ def _train(a, folders: list, painter=None) -> int:
     progress.say(f"lenet {__version__}, torch {torch.__version__}, device {device}"
                  + (f" ({_threads()})" if device.type == "cpu" else
                     f" ({torch.cuda.get_device_name(device)})"))
-    progress.say(f"data {ds.name} from {ds.folder} ({ds.found_in}): "
+    found_in = ds.found_in
+    if found_in == "--data" and not a.data:  # a folder named by a file, not the command line
+        found_in = "the run's config.json" if state is not None else f"--config {a.config}"
+    progress.say(f"data {ds.name} from {ds.folder} ({found_in}): "
                  f"{len(ds.train.labels):,} train, {len(ds.test.labels):,} test images"
                  + ("; stored transposed, turned upright" if ds.transposed else ""))
     epochs = f"{cfg.train.epochs} epoch" + ("s" if cfg.train.epochs != 1 else "")
@@ -602,12 +605,20 @@ def _threads() -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM during training: stop at once, exit 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
 def _stop_gently(trainer, stopped_by: list) -> None:
     """First Ctrl-C, or SIGTERM (`kill`, a batch scheduler's notice before it kills): finish
     the current step, checkpoint, exit 128 + the signal. A second: stop now."""
     def handler(signum, frame):
         if trainer.stop_requested:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         stopped_by.append(signum)
         trainer.stop_requested = True
 
