@@ -18,7 +18,7 @@ from lenet import models
 from lenet.config import PRESETS, ConvSpec
 from lenet.cuda_graph import GraphStep, Rerun, numerics
 from lenet.data.batches import Batches, to_float
-from lenet.train import Trainer, pick_engine
+from lenet.train import Callback, Trainer, TrainingInterrupted, pick_engine
 
 BOOK, BEST = PRESETS["book"], PRESETS["best"]
 SMALL_BEST = replace(BEST.model, convs=(ConvSpec(8, 3, 1), ConvSpec(16, 3, 1)), dense=(32,))
@@ -295,15 +295,65 @@ def test_batches_as_indices_give_the_same_batches():
         next(lazy.epoch())
 
 
-def test_batches_serve_one_engine_after_another():
-    """The graph engine leaves its Batches yielding indices; a later fit on another engine
-    with the same Batches gets images again."""
+def test_batches_serve_whatever_comes_after_a_graph_fit():
+    """The graph engine has its training Batches yield indices while it trains; afterwards
+    they yield images again: to evaluate(), and to another fit, as either split."""
+    from lenet.evaluate import evaluate
+
     spec = replace(BOOK.train, epochs=1, batch_size=64)
     train, test = make_data()()
-    Trainer(spec, torch.device("cpu"), engine="graph").fit(models.init_model(BOOK.model, 0),
-                                                          train, test)
-    assert train.as_indices
-    after = Trainer(spec, torch.device("cpu"), engine="autograd")
-    after.fit(models.init_model(BOOK.model, 0), train, test)
+    model = models.init_model(BOOK.model, 0)
+    seen = []
+
+    class Look(Callback):
+        def on_step(self, trainer, step):
+            seen.append(train.as_indices)
+    Trainer(spec, torch.device("cpu"), [Look()], engine="graph").fit(model, train, test)
+    assert seen and all(seen)
     assert not train.as_indices and not train.as_bytes
+    loss, acc = evaluate(model, train)
+    assert loss > 0 and 0 <= acc <= 1
+    train.as_indices = True  # set by hand: evaluate still sees images, and puts it back
+    assert evaluate(model, train) == pytest.approx((loss, acc)) and train.as_indices
+    after = Trainer(spec, torch.device("cpu"), engine="autograd")
+    after.fit(models.init_model(BOOK.model, 0), test, train)  # the splits swapped
     assert after.history[0].train_loss > 0
+
+
+def test_the_graph_is_recorded_on_a_full_batch_only():
+    """A step of another size before any full batch (a run resumed just before a pass's
+    last batch) runs eagerly; the first full batch records the graph."""
+    x, y = images(64 + 20)
+    model = models.init_model(BOOK.model, 0)
+    step = GraphStep(model, model, to_float, recorder=Rerun, batch_size=64)
+    step.step(x[64:], y[64:])
+    assert step.graph is None and step.replays == 0
+    step.step(x[:64], y[:64])
+    assert step.static[0].shape[0] == 64 and step.replays == 1
+
+
+def test_a_resume_before_the_last_batch_still_replays_the_full_ones():
+    spec = replace(BOOK.train, epochs=2, batch_size=64)
+
+    def data():
+        x, y = images(64 * 3 + 20, seed=3)
+        return (Batches(x[:, 0], y, 64), Batches(x[:100, 0], y[:100], 100))
+    stop_at = []
+
+    class StopBeforeTheLast(Callback):
+        def on_step(self, trainer, step):
+            if step == 3 and not stop_at:
+                stop_at.append(step)
+                trainer.stop_requested = True
+    first = Trainer(spec, torch.device("cpu"), [StopBeforeTheLast()], engine="graph")
+    with pytest.raises(TrainingInterrupted):
+        first.fit(models.init_model(BOOK.model, 0), *data())
+    resumed = Trainer(spec, torch.device("cpu"), engine="graph")
+    resumed.restore({"model": first.model.state_dict(),
+                     "optimizer": first.optimizer.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(),
+                             "generator": first.generator.get_state()},
+                     "epoch": first.epoch, "history": [], "partial": first.partial})
+    resumed.fit(models.init_model(BOOK.model, 0), *data())
+    assert resumed.graph.static[0].shape[0] == 64
+    assert resumed.graph.replays == 3  # epoch 1's last batch and epoch 2's ran eagerly

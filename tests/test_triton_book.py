@@ -262,14 +262,15 @@ def test_the_kernels_give_the_same_bits_every_time(kernels, spread):
     assert all(torch.equal(a, b) for a, b in zip(grads(), grads(), strict=True))
 
 
-def _data(device):
+def _data(device, augment="flip"):
+    """320 images: with augment "none" the graph gathers each batch itself."""
     from lenet.data.batches import Batches
 
     def data():
         gen = torch.Generator().manual_seed(3)
         x = torch.randint(0, 256, (320, 28, 28), generator=gen, dtype=torch.uint8)
         y = torch.randint(0, 10, (320,), generator=gen)
-        return (Batches(x, y, 64, device=device, augment="flip"),
+        return (Batches(x, y, 64, device=device, augment=augment),
                 Batches(x[:100], y[:100], 100, device=device))
     return data
 
@@ -298,8 +299,11 @@ def test_training_on_the_kernels_follows_cudnn(kernels, spread, monkeypatch):
 
 
 @cuda
-def test_interrupt_and_resume_on_the_kernels_is_bit_identical(kernels):
+@pytest.mark.parametrize("augment", ["flip", "none"])
+def test_interrupt_and_resume_on_the_kernels_is_bit_identical(kernels, augment):
     spec = replace(BOOK.train, epochs=2, batch_size=64)
-    full, resumed, _ = interrupt_and_resume(spec, BOOK.model, "triton", _data("cuda"),
-                                            device="cuda")
+    full, resumed, _ = interrupt_and_resume(spec, BOOK.model, "triton",
+                                            _data("cuda", augment), device="cuda")
+    assert (full.graph.gather is None) == (augment == "flip")
+    assert full.graph.sgd_lr == spec.lr  # the book's update, in the graph
     assert_same_run(resumed, full)

@@ -118,7 +118,7 @@ class GraphStep:
     def __init__(self, model: torch.nn.Module, forward: Callable, prepare: Callable,
                  label_smoothing: float = 0.0, recorder: type | None = None, *,
                  gather: Callable | None = None, sgd_lr: float | None = None,
-                 sgd_weight_decay: float = 0.0):
+                 sgd_weight_decay: float = 0.0, batch_size: int | None = None):
         self.model = model
         self.forward = forward
         self.prepare = prepare
@@ -127,6 +127,9 @@ class GraphStep:
         self.gather = gather
         self.sgd_lr = sgd_lr
         self.sgd_weight_decay = sgd_weight_decay
+        # Record on a batch of this size only (a run resumed just before a pass's last,
+        # smaller batch must not record that one and run every full batch eagerly).
+        self.batch_size = batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         device = self.params[0].device
@@ -148,12 +151,13 @@ class GraphStep:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step for batch (x, y), or with `gather`, for the batch of indices x."""
         batch = (x,) if self.gather is not None else (x, y)
-        if self.graph is None:
-            self._record(batch)
         if self.sgd_lr is None:  # an optimizer reads .grad
             for p, g in zip(self.params, self.grads, strict=True):
                 p.grad = g  # cheap; and a caller's zero_grad(set_to_none=True) cannot unhook it
-        if any(t.shape != s.shape for t, s in zip(batch, self.static, strict=True)):
+        if self.graph is None and self.batch_size in (None, len(x)):
+            self._record(batch)
+        if self.graph is None or any(t.shape != s.shape
+                                     for t, s in zip(batch, self.static, strict=True)):
             return self._run(*batch)
         for s, t in zip(self.static, batch, strict=True):
             s.copy_(t)

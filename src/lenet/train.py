@@ -259,7 +259,7 @@ class Trainer:
                 model, self.step_model, train.prepare, self.spec.label_smoothing,
                 gather=train.gather if train.as_indices else None,
                 sgd_lr=self.spec.lr if sgd_at_constant_rate(self.spec) else None,
-                sgd_weight_decay=self.spec.weight_decay)
+                sgd_weight_decay=self.spec.weight_decay, batch_size=train.batch_size)
         if self.dist is not None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -271,11 +271,14 @@ class Trainer:
         if self._resume_state is not None:
             self._apply_resume(self._resume_state)
         self._call("on_fit_start")
-        with cuda_graph.numerics(self.device):
-            for epoch in range(self.epoch + 1, self.spec.epochs + 1):
-                self.history.append(self._run_epoch(epoch, model, train, test))
-                self.epoch = epoch
-                self._call("on_epoch_end", self.history[-1])
+        try:
+            with cuda_graph.numerics(self.device):
+                for epoch in range(self.epoch + 1, self.spec.epochs + 1):
+                    self.history.append(self._run_epoch(epoch, model, train, test))
+                    self.epoch = epoch
+                    self._call("on_epoch_end", self.history[-1])
+        finally:  # the batches yield images again, for whatever uses them next
+            train.as_bytes = train.as_indices = False
         self._call("on_fit_end")
         return self.history
 
