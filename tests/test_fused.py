@@ -584,16 +584,25 @@ def test_uint8_images_are_scaled_as_to_float_does(kernel, act, pool):
     assert torch.equal(f1, f2)
 
 
-def test_the_trainer_hands_the_kernel_bytes(kernel):
+def test_the_trainer_hands_the_kernel_bytes(kernel, monkeypatch):
+    """While it trains, the fused engine's batches are the stored uint8 pixels; afterwards
+    the Batches yield floats again."""
     from lenet.train import Trainer
 
     x, y = batch(64, seed=3)
     images = (x * 255).round().to(torch.uint8)[:, 0]
     train, test = Batches(images, y, 32), Batches(images, y, 64)
+    handed = []
+    real = fused.FusedStep.step
+
+    def step(self, x, y, *args):
+        handed.append((x.dtype, train.as_bytes, test.as_bytes))
+        return real(self, x, y, *args)
+    monkeypatch.setattr(fused.FusedStep, "step", step)
     Trainer(TrainSpec(epochs=1, batch_size=32), torch.device("cpu"),
             engine="fused").fit(book(), train, test)
-    assert train.as_bytes and not test.as_bytes
-    assert next(iter(train))[0].dtype == torch.uint8
+    assert handed == [(torch.uint8, True, False)] * 2
+    assert not train.as_bytes and next(iter(train))[0].dtype == torch.float32
 
 
 def test_the_trainers_evaluation_hands_the_kernel_bytes_with_the_floats_result(kernel,

@@ -16,7 +16,7 @@ def evaluate(model: torch.nn.Module, batches: Batches, forward=None,
     forward = forward or model
     was_training, was_bytes, was_indices = model.training, batches.as_bytes, batches.as_indices
     model.eval()
-    batches.as_bytes, batches.as_indices = as_bytes, False  # (a graph fit leaves indices on)
+    batches.as_bytes, batches.as_indices = as_bytes, False  # indices: a training loop's
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=batches.labels.device)
     try:
