@@ -84,15 +84,15 @@ def main() -> None:
     acc = torch.zeros((), device=device)
     one = torch.ones((), device=device)
     g = trainer.graph
-    x, y = next(iter(train))  # as the graph takes them (uint8)
     pieces = {
         "order[s:s+128]": lambda: order[128:256],
         "images.index_select": lambda: imgs.index_select(0, order[:128]),
         "scalar +=": lambda: acc.add_(one),
         "optimizer.step": trainer.optimizer.step,
     }
-    if g is not None:
-        pieces["graph.step (copies + replay)"] = lambda: g.step(x, y)
+    if g is not None:  # the batch as the trainer hands it: indices, or uint8 images
+        batch = (order[:128],) if g.gather is not None else (imgs[:128], train.labels[:128])
+        pieces["graph.step (copies + replay)"] = lambda: g.step(*batch)
         pieces["graph.replay alone"] = g.graph.replay
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in pieces.items():

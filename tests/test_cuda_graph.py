@@ -278,43 +278,36 @@ def test_which_recipes_update_in_the_graph(change, inside):
     assert sgd_at_constant_rate(replace(BOOK.train, **change)) is inside
 
 
-def test_batches_as_indices_give_the_same_batches():
+def test_batches_by_indices_give_the_same_batches():
     x, y = images(150)
     plain = Batches(x[:, 0], y, 64, generator=torch.Generator().manual_seed(4))
     plain.as_bytes = True
     lazy = Batches(x[:, 0], y, 64, generator=torch.Generator().manual_seed(4))
-    lazy.as_indices = True
     for skip in (0, 1):
-        got = [(lazy.gather(idx), none) for idx, none in lazy.epoch(skip)]
+        got = [(lazy.gather(idx), none) for idx, none in lazy.epoch(skip, indices=True)]
         want = list(plain.epoch(skip))
         assert len(got) == len(want) == 3 - skip
         for ((gx, gy), none), (wx, wy) in zip(got, want, strict=True):
             assert none is None and torch.equal(gx, wx) and torch.equal(gy, wy)
     lazy.augment = "flip"
     with pytest.raises(ValueError, match="without augmentation"):
-        next(lazy.epoch())
+        next(lazy.epoch(indices=True))
 
 
 def test_batches_serve_whatever_comes_after_a_graph_fit():
-    """The graph engine has its training Batches yield indices while it trains; afterwards
-    they yield images again: to evaluate(), and to another fit, as either split."""
+    """The graph engine takes its training batches as indices while it trains; afterwards
+    the same Batches yield images: to evaluate(), and to another fit, as either split."""
     from lenet.evaluate import evaluate
 
     spec = replace(BOOK.train, epochs=1, batch_size=64)
     train, test = make_data()()
     model = models.init_model(BOOK.model, 0)
-    seen = []
-
-    class Look(Callback):
-        def on_step(self, trainer, step):
-            seen.append(train.as_indices)
-    Trainer(spec, torch.device("cpu"), [Look()], engine="graph").fit(model, train, test)
-    assert seen and all(seen)
-    assert not train.as_indices and not train.as_bytes
+    graph = Trainer(spec, torch.device("cpu"), engine="graph")
+    graph.fit(model, train, test)
+    assert graph.graph.static[0].shape == (64,)  # the batch's indices
+    assert not train.as_bytes
     loss, acc = evaluate(model, train)
     assert loss > 0 and 0 <= acc <= 1
-    train.as_indices = True  # set by hand: evaluate still sees images, and puts it back
-    assert evaluate(model, train) == pytest.approx((loss, acc)) and train.as_indices
     after = Trainer(spec, torch.device("cpu"), engine="autograd")
     after.fit(models.init_model(BOOK.model, 0), test, train)  # the splits swapped
     assert after.history[0].train_loss > 0

@@ -14,9 +14,9 @@ def evaluate(model: torch.nn.Module, batches: Batches, forward=None,
     `as_bytes` is handed the uint8 images as stored; `reduce` sums the totals over
     data-parallel ranks, each of which saw its share of `batches`)."""
     forward = forward or model
-    was_training, was_bytes, was_indices = model.training, batches.as_bytes, batches.as_indices
+    was_training, was_bytes = model.training, batches.as_bytes
     model.eval()
-    batches.as_bytes, batches.as_indices = as_bytes, False  # indices: a training loop's
+    batches.as_bytes = as_bytes
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=batches.labels.device)
     try:
@@ -27,7 +27,7 @@ def evaluate(model: torch.nn.Module, batches: Batches, forward=None,
                 correct += (logits.argmax(1) == y).sum()
     finally:
         model.train(was_training)
-        batches.as_bytes, batches.as_indices = was_bytes, was_indices
+        batches.as_bytes = was_bytes
     if reduce is not None:
         reduce(loss_sum, correct)
     n = batches.num_examples

@@ -223,9 +223,9 @@ class Trainer:
         check_batch_norm_batches(model, train.batch_size, train.num_examples,
                                  self.dist.world if self.dist is not None else 1)
         self.model = model.to(self.device)
-        # What the batches yield is this engine's to say (the same Batches may have served
-        # another engine's fit before).
-        train.as_bytes = train.as_indices = False
+        # Whether the batches are bytes is this engine's to say (the same Batches may have
+        # served another engine's fit before).
+        train.as_bytes = False
         if self.engine == "fused":
             from lenet.fused import FusedStep
 
@@ -254,10 +254,9 @@ class Trainer:
             # where it can, gathers it from the resident split and updates the weights too
             # (lenet.cuda_graph: the host's work per step is what limits a short step).
             train.as_bytes = True
-            train.as_indices = train.augment == "none"
             self.graph = cuda_graph.GraphStep(
                 model, self.step_model, train.prepare, self.spec.label_smoothing,
-                gather=train.gather if train.as_indices else None,
+                gather=train.gather if train.augment == "none" else None,
                 sgd_lr=self.spec.lr if sgd_at_constant_rate(self.spec) else None,
                 sgd_weight_decay=self.spec.weight_decay, batch_size=train.batch_size)
         if self.dist is not None:
@@ -277,8 +276,8 @@ class Trainer:
                     self.history.append(self._run_epoch(epoch, model, train, test))
                     self.epoch = epoch
                     self._call("on_epoch_end", self.history[-1])
-        finally:  # the batches yield images again, for whatever uses them next
-            train.as_bytes = train.as_indices = False
+        finally:  # the batches yield floats again, for whatever uses them next
+            train.as_bytes = False
         self._call("on_fit_end")
         return self.history
 
@@ -302,7 +301,8 @@ class Trainer:
             correct += resume["correct"].to(self.device)
         world = self.dist.world if self.dist is not None else 1
         steps = len(train)
-        for step, (x, y) in enumerate(train.epoch(skip), skip + 1):
+        indices = self.graph is not None and self.graph.gather is not None
+        for step, (x, y) in enumerate(train.epoch(skip, indices), skip + 1):
             if self.graph is not None:  # it sums the loss and the right answers itself
                 if self.graph.sgd_lr is None:  # else the graph updates the weights itself
                     self._set_lr(epoch, step, steps)

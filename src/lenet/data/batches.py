@@ -42,10 +42,6 @@ class Batches:
         # Yield the uint8 pixels as they are, for a consumer that scales them itself (the
         # fused kernel: a quarter of the memory traffic, and no conversion pass per step).
         self.as_bytes = False
-        # Yield (indices, None) and leave the gathering to the consumer (`gather`): the CUDA
-        # graph step gathers inside its graph (lenet.cuda_graph.GraphStep). Whole passes
-        # only: no augmentation, no shard.
-        self.as_indices = False
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -57,9 +53,12 @@ class Batches:
     def __iter__(self):
         return self.epoch()
 
-    def epoch(self, skip: int = 0):
+    def epoch(self, skip: int = 0, indices: bool = False):
         """One pass; `skip` leaves out the first batches of the pass (the permutation is
-        drawn all the same), which is how an interrupted epoch is resumed exactly."""
+        drawn all the same), which is how an interrupted epoch is resumed exactly. With
+        `indices`, each batch is (its indices, None) and the consumer gathers it (`gather`):
+        the CUDA graph step does, inside its graph (lenet.cuda_graph.GraphStep). Whole
+        passes only: no augmentation, no shard."""
         n, bs = self.num_examples, self.batch_size
         order = draws = None
         if self.generator is not None:
@@ -67,9 +66,10 @@ class Batches:
             order = order.to(self.images.device)
             if self.augment != "none":  # the whole pass's draws, so `skip` replays exactly
                 draws = augment_draws(n, self.generator).to(self.images.device)
-        if self.as_indices:
+        if indices:
             if draws is not None or self.shard is not None:
-                raise ValueError("Batches.as_indices: whole passes without augmentation only")
+                raise ValueError("Batches.epoch(indices=True): whole passes without "
+                                 "augmentation only")
             if order is None:
                 order = torch.arange(n, device=self.images.device)
             for start in range(skip * bs, n, bs):
@@ -101,7 +101,8 @@ class Batches:
         return min(self.batch_size, self.num_examples - (step - 1) * self.batch_size)
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The uint8 images and the labels at `idx` (what `as_indices` leaves to do)."""
+        """The uint8 images and the labels at `idx` (what `epoch(indices=True)` leaves to
+        do)."""
         # index_select copies whole rows: ~8x faster than images[idx] for bytes.
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
